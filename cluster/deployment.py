@@ -1,0 +1,105 @@
+"""Bring up expert workers and the router as Ray actors in one placement group, and tear them down."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from model.config import MixtralConfig
+from router.actor import RouterActor
+from router.remote_experts import RoutingTable
+from workers.actor import ExpertWorkerActor
+
+from .placement import PG_STRATEGIES, PlacementError, PlacementPlan, placement_bundles
+from .ray_runtime import cluster_has_gpus, start_ray
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model_dir: str
+    num_workers: int = 2
+    dtype: str = "float32"
+    placement: str = "contiguous"  # contiguous | round-robin
+    pg_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    address: str | None = None  # None: embedded local Ray
+    use_gpus: bool | None = None  # None: use GPUs when the cluster has them
+    dispatch_timeout_s: float = 30.0
+
+
+class ExpertCluster:
+    """Workers (one placement-group bundle each) and the router actor; `shutdown` leaves nothing behind."""
+
+    def __init__(self, cfg: ClusterConfig):
+        if cfg.pg_strategy not in PG_STRATEGIES:
+            raise PlacementError(f"placement group strategy: {cfg.pg_strategy!r} is not one of {PG_STRATEGIES}")
+        self.cfg = cfg
+        model_cfg = MixtralConfig.from_file(cfg.model_dir)
+        self.plan = PlacementPlan.build(model_cfg.num_hidden_layers, model_cfg.num_local_experts,
+                                        cfg.num_workers, cfg.placement)
+        self.started_ray = not ray.is_initialized()
+        start_ray(cfg.address, num_workers=cfg.num_workers)
+        self.use_gpus = cluster_has_gpus() if cfg.use_gpus is None else cfg.use_gpus
+        bundles = placement_bundles(cfg.num_workers + 1, self.use_gpus)  # the last bundle is the router's
+        self.pg = placement_group(bundles, strategy=cfg.pg_strategy)
+        self.workers: list = []
+        self.router = None
+        try:
+            ray.get(self.pg.ready(), timeout=READY_TIMEOUT_S)
+            self.workers = [self._start_worker(w) for w in range(cfg.num_workers)]
+            self.addresses = ray.get([w.address.remote() for w in self.workers], timeout=READY_TIMEOUT_S)
+            self.table = RoutingTable.from_placement(self.plan.experts_of_worker, self.addresses,
+                                                     model_cfg.num_hidden_layers)
+            self.router = self._actor(RouterActor, cfg.num_workers).remote(
+                cfg.model_dir, self.table, cfg.dtype, cfg.dispatch_timeout_s)
+            ray.get(self.router.info.remote(), timeout=READY_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _actor(self, cls, bundle: int):
+        return ray.remote(cls).options(
+            num_cpus=1, num_gpus=1 if self.use_gpus else 0, max_concurrency=4,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle))
+
+    def _start_worker(self, w: int):
+        return self._actor(ExpertWorkerActor, w).remote(
+            self.cfg.model_dir, self.plan.pairs(w), self.cfg.dtype, f"worker-{w}")
+
+    def worker_infos(self) -> list[dict]:
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        """Stop gRPC servers gracefully, kill the actors, remove the placement group (and Ray if we started it)."""
+        if self.router is not None:
+            _quietly(lambda: ray.get(self.router.shutdown.remote(), timeout=30))
+            ray.kill(self.router)
+            self.router = None
+        for w in self.workers:
+            _quietly(lambda w=w: ray.get(w.stop.remote(), timeout=30))
+            ray.kill(w)
+        self.workers = []
+        if self.pg is not None:
+            _quietly(lambda: remove_placement_group(self.pg))
+            self.pg = None
+        if self.started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> ExpertCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - shutdown goes on past a dead actor
+        log.warning("shutdown step failed: %s", e)

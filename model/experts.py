@@ -1,0 +1,91 @@
+"""SwiGLU experts, grouped execution, and the expert-backend seam the Mixtral model calls.
+
+A backend gets, per MoE layer, hidden [T, D], expert_ids [T, k] and routing weights [T, k] and returns the
+weighted mix [T, D]. `LocalExperts` runs in-process; the router's remote backend sends the same sorted rows
+to expert workers. Both share `sort_by_expert`, `run_grouped` and `combine`, so their results are identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertBackend(Protocol):
+    def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One SwiGLU expert: w13 = cat(w1 gate, w3 up) [2I, D], w2 down [D, I]."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+    @staticmethod
+    def from_hf(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> ExpertWeights:
+        return ExpertWeights(w13=torch.cat([w1, w3], dim=0).contiguous(), w2=w2.contiguous())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, D] -> [N, D]: w2(silu(w1 x) * w3 x)."""
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2)
+
+
+@dataclass(frozen=True)
+class DispatchOrder:
+    """The (token, slot) pairs of one layer sorted by expert."""
+
+    order: torch.Tensor  # [T*k] flat (token*k + slot) index, sorted by expert (stable)
+    token: torch.Tensor  # [T*k] token row of each sorted pair
+    expert: torch.Tensor  # [T*k] expert of each sorted pair
+    counts: list[int]  # [E] pairs per expert
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return DispatchOrder(order=order, token=order // k, expert=flat[order], counts=counts)
+
+
+def run_grouped(x_sorted: torch.Tensor, experts: list[ExpertWeights], counts: list[int]) -> torch.Tensor:
+    """x_sorted [N, D] rows grouped by expert (counts[i] rows for experts[i]) -> outputs [N, D], same order.
+
+    One matmul chain per expert that was hit; no loop over tokens.
+    """
+    out = torch.empty_like(x_sorted)
+    start = 0
+    for expert, n in zip(experts, counts, strict=True):
+        if n:
+            out[start:start + n] = expert(x_sorted[start:start + n])
+            start += n
+    if start != x_sorted.shape[0]:
+        raise ValueError(f"counts sum to {start}, but {x_sorted.shape[0]} rows were given")
+    return out
+
+
+def combine(y_sorted: torch.Tensor, plan: DispatchOrder, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Weight each expert output by its routing weight (fp32, as HF) and sum per token -> [T, D]."""
+    w = weights.reshape(-1)[plan.order]
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
+    out.index_add_(0, plan.token, (y_sorted * w[:, None]).to(y_sorted.dtype))
+    return out
+
+
+class LocalExperts:
+    """In-process backend: experts[layer][expert] on this device."""
+
+    def __init__(self, experts: list[list[ExpertWeights]]):
+        self.experts = experts
+
+    def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        plan = sort_by_expert(expert_ids, len(self.experts[layer]))
+        y = run_grouped(hidden[plan.token], self.experts[layer], plan.counts)
+        return combine(y, plan, weights, hidden.shape[0])

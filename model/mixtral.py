@@ -1,0 +1,115 @@
+"""The Mixtral decoder with an injected expert backend.
+
+Shapes: T new tokens in a step (all sequences flattened), D hidden, H query heads, KVH kv heads, hd head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import MixtralConfig
+from .experts import ExpertBackend, ExpertWeights, LocalExperts
+from .layers import AttentionBatch, apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, route
+from .loader import LoadStats, load_tensors, parse_dtype
+from .weights import all_filter, dense_filter, expert_tensor_name
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    ln_attn: torch.Tensor  # [D]
+    wqkv: torch.Tensor  # [(H + 2 KVH) hd, D]
+    wo: torch.Tensor  # [D, H hd]
+    ln_moe: torch.Tensor  # [D]
+    gate: torch.Tensor  # [E, D]
+
+
+@dataclass
+class KVCache:
+    """Paged KV storage: per layer [num_blocks * block_size, KVH, hd]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+    num_blocks: int
+
+    @staticmethod
+    def allocate(cfg: MixtralConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> KVCache:
+        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
+                       v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
+                       block_size=block_size, num_blocks=num_blocks)
+
+    @staticmethod
+    def bytes_per_block(cfg: MixtralConfig, block_size: int, dtype: torch.dtype) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * item
+
+
+class Mixtral:
+    """Embeddings, attention, gating, norms and lm_head; the expert FFNs go through `experts`."""
+
+    def __init__(self, cfg: MixtralConfig, tensors: dict[str, torch.Tensor], experts: ExpertBackend):
+        self.cfg = cfg
+        self.experts = experts
+        self.embed = tensors["model.embed_tokens.weight"]
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        self.norm = tensors["model.norm.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else tensors["lm_head.weight"]
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            wqkv = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0)
+            self.layers.append(LayerWeights(
+                ln_attn=tensors[p + "input_layernorm.weight"], wqkv=wqkv.contiguous(),
+                wo=tensors[p + "self_attn.o_proj.weight"], ln_moe=tensors[p + "post_attention_layernorm.weight"],
+                gate=tensors[p + "block_sparse_moe.gate.weight"]))
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(self.device)
+        self.scale = cfg.head_dim ** -0.5
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: str | torch.dtype = "float32",
+                        device: str | torch.device = "cpu", experts: ExpertBackend | None = None,
+                        stats: LoadStats | None = None) -> Mixtral:
+        """Load the checkpoint; without `experts`, the expert FFNs load too and run in-process."""
+        cfg = MixtralConfig.from_file(model_dir)
+        keep = all_filter if experts is None else dense_filter
+        tensors = load_tensors(model_dir, cfg, keep, dtype=parse_dtype(dtype), device=device, stats=stats)
+        if experts is None:
+            experts = LocalExperts([
+                [ExpertWeights.from_hf(*(tensors.pop(expert_tensor_name(i, e, w)) for w in ("w1", "w3", "w2")))
+                 for e in range(cfg.num_local_experts)]
+                for i in range(cfg.num_hidden_layers)])
+        return cls(cfg, tensors, experts)
+
+    def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
+        return KVCache.allocate(self.cfg, num_blocks, block_size, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv: KVCache) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, D]; writes the new tokens' K/V into `kv`."""
+        cfg = self.cfg
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = F.embedding(input_ids, self.embed)  # [T, D]
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        for i, lw in enumerate(self.layers):
+            h = rms_norm(x, lw.ln_attn, cfg.rms_norm_eps)
+            q, k, v = F.linear(h, lw.wqkv).split([H * hd, KVH * hd, KVH * hd], dim=-1)
+            q = apply_rope(q.view(-1, H, hd), cos, sin)
+            k = apply_rope(k.view(-1, KVH, hd), cos, sin)
+            attn = paged_attention(q, k, v.view(-1, KVH, hd), kv.k[i], kv.v[i], batch, self.scale)
+            x = x + F.linear(attn, lw.wo)
+            h = rms_norm(x, lw.ln_moe, cfg.rms_norm_eps)
+            weights, expert_ids = route(F.linear(h, lw.gate), cfg.num_experts_per_tok)
+            x = x + self.experts(i, h, expert_ids, weights)
+        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> fp32 logits [N, V]."""
+        return F.linear(hidden, self.lm_head).float()

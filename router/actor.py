@@ -1,0 +1,62 @@
+"""Thin Ray actor around the attention-plus-router: the dense model with the remote expert backend."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from model.generation import generate
+from model.mixtral import Mixtral
+from model.sampling import SamplingParams
+
+from .remote_experts import RemoteExperts, RoutingTable
+
+
+def torch_threads_from_ray() -> int:
+    """Torch threads = this actor's Ray CPU share (at least 1)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+class RouterActor:
+    def __init__(self, model_dir: str, table: RoutingTable, dtype: str = "float32", timeout_s: float = 30.0):
+        torch_threads_from_ray()
+        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.model_dir = model_dir
+        self.backend = RemoteExperts(table, num_experts=_num_experts(model_dir), timeout_s=timeout_s)
+        self.model = Mixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "device": self.device, "node_id": ray.get_runtime_context().get_node_id(),
+                "torch_threads": torch.get_num_threads(), "workers": self.backend.table.addresses()}
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 return_logits: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
+        return generate(self.model, prompts, params, return_logits=return_logits)
+
+    def dispatch_stats(self) -> dict:
+        s = self.backend.stats
+        return {"rpcs": s.rpcs, "bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
+                "tokens": s.tokens, "wall_seconds": s.wall_seconds, "expert_seconds": s.expert_seconds,
+                "per_worker_tokens": dict(s.per_worker_tokens), "per_worker_rpcs": dict(s.per_worker_rpcs)}
+
+    def record_dispatches(self, on: bool) -> None:
+        """Keep a log of (layer, worker) per Dispatch, for tests that count RPCs per step."""
+        self._log: list[tuple[int, int, str]] = []
+        self.backend.on_dispatch = (
+            (lambda layer, addr, *rest: self._log.append((self.backend.step, layer, addr))) if on else None)
+
+    def dispatch_log(self) -> list[tuple[int, int, str]]:
+        return list(getattr(self, "_log", []))
+
+    def shutdown(self) -> None:
+        self.backend.close()
+
+
+def _num_experts(model_dir: str) -> int:
+    from model.config import MixtralConfig
+    return MixtralConfig.from_file(model_dir).num_local_experts

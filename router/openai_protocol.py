@@ -1,0 +1,280 @@
+"""OpenAI-compatible request/response models, with vLLM's extensions top_k, ignore_eos, stop_token_ids."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+MAX_LOGPROBS = 20
+Number = StrictInt | StrictFloat
+
+
+class ProtocolError(ValueError):
+    """A request the server cannot honour; `param` names the offending field (-> 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class StreamOptions(_Base):
+    include_usage: StrictBool | None = False
+
+
+class _SamplingRequest(_Base):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    n: StrictInt | None = 1
+    best_of: StrictInt | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool | None = False
+    user: StrictStr | None = None
+    presence_penalty: Number | None = 0.0
+    frequency_penalty: Number | None = 0.0
+    logit_bias: dict[str, Number] | None = None
+
+    @model_validator(mode="after")
+    def _check_common(self) -> _SamplingRequest:
+        if self.n not in (None, 1):
+            raise ProtocolError(f"n: only n=1 is supported, got {self.n}", "n")
+        if self.best_of not in (None, 1):
+            raise ProtocolError(f"best_of: only best_of=1 is supported, got {self.best_of}", "best_of")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ProtocolError(f"{name}: only 0 is supported, got {getattr(self, name)}", name)
+        if self.logit_bias:
+            raise ProtocolError("logit_bias: not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError("stream_options: can only be set when stream=true", "stream_options")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ProtocolError(f"temperature: must be in [0, 2], got {self.temperature}", "temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ProtocolError(f"top_p: must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k is not None and self.top_k < -1:
+            raise ProtocolError(f"top_k: must be -1 (off), 0 (off) or positive, got {self.top_k}", "top_k")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ProtocolError(f"seed: out of range, got {self.seed}", "seed")
+        if any(t < 0 for t in self.stop_token_ids or ()):
+            raise ProtocolError("stop_token_ids: ids must be non-negative", "stop_token_ids")
+        if any(s == "" for s in self.stop_list):
+            raise ProtocolError("stop: stop strings must be non-empty", "stop")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool | None = False
+    suffix: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.echo:
+            raise ProtocolError("echo: only echo=false is supported", "echo")
+        if self.suffix:
+            raise ProtocolError("suffix: not supported", "suffix")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ProtocolError(f"logprobs: must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise ProtocolError(f"prompt: batched prompts are not supported (got {len(p)}); send one "
+                                    "prompt per request", "prompt")
+        return self
+
+    def single_prompt(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return p[0]
+        return p
+
+
+class ChatMessage(_Base):
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if not self.messages:
+            raise ProtocolError("messages: must contain at least one message", "messages")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise ProtocolError(f"top_logprobs: must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                                    "top_logprobs")
+            if self.top_logprobs > 0 and not self.logprobs:
+                raise ProtocolError("top_logprobs: requires logprobs=true", "top_logprobs")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# --- responses ------------------------------------------------------------------------------------------
+
+class UsageInfo(_Base):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogProbs(_Base):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(_Base):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Base):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(_Base):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogProbs(_Base):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(_Base):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Base):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: ChatLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Base):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaMessage(_Base):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(_Base):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChatLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(_Base):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChunk(_Base):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(_Base):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "expertmesh"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Base):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

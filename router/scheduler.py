@@ -1,0 +1,223 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget. Running sequences that decode (one uncomputed token) go first, in arrival
+order; then partly prefilled running sequences and finally waiting ones fill what is left of the budget with
+prefill chunks. A sequence whose next token finds no free KV block preempts the most recently arrived running
+sequence: its blocks are freed, it goes back to the front of the waiting queue and later recomputes its
+prompt plus generated tokens (recompute, not swap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model.config import MixtralConfig
+from model.mixtral import KVCache
+from model.sampling import SamplingParams
+
+from .kv_blocks import BlockAllocator, BlockTables, blocks_for
+from .requests import GenerationRequest, QueueFullError, TokenOutput
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # KV cache size in blocks; or give kv_cache_bytes
+    kv_cache_bytes: int | None = None  # KV cache budget in bytes, used when num_kv_blocks is None
+    max_num_seqs: int = 64  # running sequences at most
+    max_num_batched_tokens: int = 512  # new tokens per step at most; prefills are chunked to fit
+    max_waiting: int = 256  # add_request raises QueueFullError beyond this many waiting requests
+    max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's max_position_embeddings
+
+    def num_blocks(self, cfg: MixtralConfig, dtype: torch.dtype) -> int:
+        if self.num_kv_blocks is not None:
+            n = self.num_kv_blocks
+        elif self.kv_cache_bytes is not None:
+            n = self.kv_cache_bytes // KVCache.bytes_per_block(cfg, self.block_size, dtype)
+        else:
+            raise ValueError("num_kv_blocks: set it or kv_cache_bytes")
+        if n < 1:
+            raise ValueError(f"num_kv_blocks: the KV cache must hold at least one block, got {n}")
+        return n
+
+    def model_len(self, cfg: MixtralConfig) -> int:
+        limit = self.max_model_len or cfg.max_position_embeddings
+        if limit > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len: {limit} exceeds max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        return limit
+
+    def validate(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state: prompt + generated token ids and how many of them have KV in the cache."""
+
+    request: GenerationRequest
+    order: int  # arrival order: the preemption victim is the running sequence with the largest
+    token_ids: list[int]
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    num_computed: int = 0
+    status: str = WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    new_tokens: list[TokenOutput] = field(default_factory=list)  # sampled, not yet returned
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """num_tokens tokens of seq, starting at seq.num_computed, run in this step."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk completes the sequence's uncomputed tokens, so its last row is sampled."""
+        return self.num_tokens == self.seq.num_uncomputed
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int):
+        config.validate()
+        self.config = config
+        self.max_model_len = max_model_len
+        self.blocks = BlockTables(BlockAllocator(num_blocks), config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        return self.blocks.allocator
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """ValueError when a request could never run, even alone."""
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"max_tokens: prompt ({prompt_len}) plus max_tokens ({max_tokens}) exceeds "
+                             f"max_model_len ({self.max_model_len})")
+        need = blocks_for(total, self.config.block_size)
+        if need > self.allocator.num_blocks:
+            raise ValueError(f"max_tokens: prompt plus max_tokens needs {need} KV blocks, the cache has "
+                             f"{self.allocator.num_blocks}")
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take seq out of the queues and free its blocks."""
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.request_id)
+        seq.status, seq.finish_reason = FINISHED, reason
+        seq.metrics["finished"] = time.monotonic()
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        scheduled: set[int] = set()  # id() of sequences with a chunk this step
+        preempted: set[int] = set()
+        by_arrival = sorted(self.running, key=lambda s: s.order)
+        # 1. decodes: one token each; preempt the latest arrival when no block is free for it
+        for seq in by_arrival:
+            if budget == 0:
+                break
+            if seq.num_uncomputed != 1 or id(seq) in preempted:
+                continue
+            while not self.blocks.grow(seq.request_id, seq.num_computed + 1):
+                victim = self._latest_unscheduled(scheduled)
+                self._preempt(victim)
+                preempted.add(id(victim))
+                if victim is seq:
+                    break
+            if id(seq) not in preempted:
+                chunks.append(Chunk(seq, 1))
+                scheduled.add(id(seq))
+                budget -= 1
+        # 2. running sequences part way through their prefill: as much as budget and free blocks allow
+        for seq in by_arrival:
+            if budget == 0:
+                break
+            if seq.num_uncomputed == 1 or id(seq) in preempted:
+                continue
+            n = self._fit_prefill(seq, budget, scheduled, preempted)
+            if n:
+                chunks.append(Chunk(seq, n))
+                scheduled.add(id(seq))
+                budget -= n
+        # 3. waiting sequences, first come first served; a new sequence needs blocks for its whole chunk
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if id(seq) in preempted:
+                break  # do not readmit what this step just evicted
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.grow(seq.request_id, n):
+                break
+            self.waiting.popleft()
+            seq.status = RUNNING
+            seq.metrics.setdefault("first_scheduled", time.monotonic())
+            self.running.append(seq)
+            chunks.append(Chunk(seq, n))
+            budget -= n
+        return chunks
+
+    def _fit_prefill(self, seq: Sequence, budget: int, scheduled: set[int], preempted: set[int]) -> int:
+        """Tokens of a running prefill that fit this step; may preempt later arrivals to make room."""
+        while True:
+            n = min(seq.num_uncomputed, budget, self.blocks.capacity(seq.request_id) - seq.num_computed)
+            if n > 0:
+                self.blocks.grow(seq.request_id, seq.num_computed + n)
+                return n
+            victim = self._latest_unscheduled(scheduled)
+            if victim is seq:
+                return 0  # wait for blocks; the earlier arrivals holding them will finish or be preempted
+            self._preempt(victim)
+            preempted.add(id(victim))
+
+    def _latest_unscheduled(self, scheduled: set[int]) -> Sequence:
+        return max((s for s in self.running if id(s) not in scheduled), key=lambda s: s.order)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.request_id)
+        seq.num_computed = 0
+        seq.status = WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

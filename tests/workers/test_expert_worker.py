@@ -1,0 +1,72 @@
+"""ExpertWorker: loads only its own tensors, matches the in-process grouped path bit for bit, and names
+every bad request."""
+
+import pytest
+import torch
+
+from workers.expert_worker import ExpertWorker
+
+from .conftest import reference_rows
+
+PAIRS = [(0, 1), (1, 3), (1, 5), (1, 6)]
+
+
+@pytest.fixture(scope="module")
+def worker(mixtral_dir):
+    return ExpertWorker(str(mixtral_dir), PAIRS, worker_id="wt")
+
+
+def test_loads_only_its_own_tensors(worker):
+    D, I = 64, 128
+    assert worker.load_stats.tensors_read == len(PAIRS) * 3
+    assert worker.load_stats.bytes_read == len(PAIRS) * 3 * D * I * 4
+    assert worker.load_stats.files_opened == ["model.safetensors"]
+    assert sorted(worker.experts) == PAIRS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bit_identical_to_in_process_path(mixtral_dir, dtype):
+    w = ExpertWorker(str(mixtral_dir), PAIRS, dtype=dtype)
+    ids, counts, x, want = reference_rows(mixtral_dir, 1, [3, 5, 6], tokens=40, dtype=w.dtype)
+    got = w.forward(1, ids, counts, x)
+    assert got.dtype == w.dtype and got.device.type == "cpu"
+    assert torch.equal(got, want)
+    assert w.stats.tokens == {(1, e): n for e, n in zip(ids, counts, strict=True)}
+    assert w.stats.compute_seconds > 0
+
+
+def test_any_expert_order_and_zero_counts(worker):
+    x = torch.randn(5, 64)
+    a = worker.forward(1, [6, 3], [2, 3], x)
+    b = worker.forward(1, [3, 6], [0, 2], x[:2])
+    assert torch.equal(a[:2], b)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((5, [3], [2], torch.zeros(2, 64)), r"layer 5 is not hosted here \(hosted layers: \[0, 1\]\)"),
+    ((1, [2], [2], torch.zeros(2, 64)), r"expert 2 of layer 1 is not hosted here \(hosted: \[3, 5, 6\]\)"),
+    ((0, [3], [2], torch.zeros(2, 64)), "expert 3 of layer 0 is not hosted"),
+    ((1, [3, 5], [2], torch.zeros(2, 64)), "2 expert_ids but 1 counts"),
+    ((1, [3, 3], [1, 1], torch.zeros(2, 64)), "duplicate expert ids"),
+    ((1, [3], [3], torch.zeros(2, 64)), "counts sum to 3, but hidden has 2 rows"),
+    ((1, [3], [0], torch.zeros(0, 64)), "empty request"),
+    ((1, [3], [2], torch.zeros(2, 32)), r"shape \[2, 32\], expected \[N, 64\]"),
+    ((1, [3], [2], torch.zeros(2, 2, 64)), "expected \\[N, 64\\]"),
+    ((1, [3], [2], torch.zeros(2, 64, dtype=torch.bfloat16)),
+     "dtype torch.bfloat16, worker wt runs torch.float32"),
+    ((1, [3], [-1], torch.zeros(0, 64)), "negative count"),
+])
+def test_bad_requests_raise_value_error(worker, args, match):
+    with pytest.raises(ValueError, match=match):
+        worker.forward(*args)
+
+
+@pytest.mark.parametrize("pairs", [[], [(2, 0)], [(0, 8)], [(0, 1), (0, 1)]])
+def test_bad_pairs(mixtral_dir, pairs):
+    with pytest.raises(ValueError, match="pairs must be|outside the model"):
+        ExpertWorker(str(mixtral_dir), pairs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_cuda_falls_back_to_cpu_without_a_gpu(mixtral_dir):
+    assert ExpertWorker(str(mixtral_dir), [(0, 0)], device="cuda").device.type == "cpu"

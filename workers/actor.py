@@ -1,0 +1,64 @@
+"""Ray actor that owns one ExpertWorker and serves it over gRPC from its own event-loop thread.
+
+Use as `ray.remote(num_cpus=1)(ExpertWorkerActor).remote(...)`, or with
+`.options(num_gpus=..., scheduling_strategy=PlacementGroupSchedulingStrategy(...))`. The methods are sync,
+so Ray runs it as a normal actor while the grpc.aio server lives on the actor's own event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import ray
+import torch
+
+from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, dtype_name
+
+from .expert_worker import ExpertWorker
+from .servicer import serve_worker
+
+START_TIMEOUT_S = 60.0
+
+
+class ExpertWorkerActor:
+    def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str, worker_id: str,
+                 host: str = "127.0.0.1", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        ctx = ray.get_runtime_context()
+        torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1))))
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.worker = ExpertWorker(model_dir, pairs, dtype=dtype, device=device, worker_id=worker_id)
+        self.node_id = ctx.get_node_id()
+        advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"grpc-{worker_id}", daemon=True)
+        self.thread.start()
+        start = serve_worker(self.worker, host, 0, max_message_bytes)
+        self.server, port = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=START_TIMEOUT_S)
+        self._address = f"{advertised}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def info(self) -> dict:
+        w, ls = self.worker, self.worker.load_stats
+        return {"worker_id": w.worker_id, "pairs": list(w.pairs), "dtype": dtype_name(w.dtype),
+                "device": str(w.device), "node_id": self.node_id, "pid": os.getpid(),
+                "address": self._address, "torch_threads": torch.get_num_threads(),
+                "load_stats": {"tensors_read": ls.tensors_read, "bytes_read": ls.bytes_read}}
+
+    def stats(self) -> dict:
+        return self.worker.stats.to_dict()
+
+    def ping(self) -> bool:
+        return True
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting calls, let in-flight ones finish (up to grace_s), then end the loop thread."""
+        if self.server is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self.loop).result(timeout=grace_s + 10)
+        self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
