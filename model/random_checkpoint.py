@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,28 +181,3 @@ def expert_ranks(num_experts: int, seed: int, layer: int) -> torch.Tensor:
     """Rank (1 = hottest) of each expert of `layer` under router skew; a seeded permutation of 1..E."""
     g = torch.Generator().manual_seed(_seed_for(seed, f"router_skew.ranks.{layer}"))
     return torch.randperm(num_experts, generator=g) + 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.random_checkpoint", description=__doc__)
-    p.add_argument("out_dir")
-    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
-    p.add_argument("--router-skew", type=float, default=0.0, help="Zipf-like exponent of expert popularity")
-    p.add_argument("--max-shard-bytes", type=int, default=None)
-    p.add_argument("--single-file", action="store_true")
-    p.add_argument("--force", action="store_true", help="allow checkpoints over 20 GB")
-    a = p.parse_args(argv)
-    try:
-        path = write_checkpoint(a.out_dir, a.preset, a.seed, a.dtype, a.router_skew, a.force,
-                                max_shard_bytes=a.max_shard_bytes, single_file=a.single_file)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,7 @@ def torch_threads_from_ray() -> int:
 class RouterActor:
     def __init__(self, model_dir: str, table: RoutingTable, dtype: str = "float32", timeout_s: float = 30.0):
         torch_threads_from_ray()
-        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_dir = model_dir
         self.backend = RemoteExperts(table, num_experts=_num_experts(model_dir), timeout_s=timeout_s)
         self.model = Mixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)

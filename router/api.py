@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -61,6 +62,21 @@ class ApiError(Exception):
 
 class _Disconnected(Exception):
     """The client went away while its request was running."""
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its body generator when the response ends, so a disconnect runs the generator's cleanup now.
+
+    (Starlette cancels the send on http.disconnect; a generator paused at `yield` would otherwise only be
+    finalized by the garbage collector.)
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -191,7 +207,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
     created = int(time.time())
     vocab_size = getattr(tokenizer, "vocab_size", None)
     token_text_cache: dict[int, str] = {}
-    pending_aborts: set[asyncio.Future[Any]] = set()
+    pending: set[asyncio.Future[Any]] = set()  # fire-and-forget cleanup tasks
 
     # --- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -226,9 +242,18 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
             log.exception("abort(%s) failed", request_id)
             return
         if inspect.isawaitable(res):
-            fut = asyncio.ensure_future(res)
-            pending_aborts.add(fut)
-            fut.add_done_callback(pending_aborts.discard)
+            background(res)
+
+    def background(coro: Any) -> None:
+        fut = asyncio.ensure_future(coro)
+        pending.add(fut)
+        fut.add_done_callback(pending.discard)
+
+    def close_later(it: AsyncIterator[RequestOutput]) -> None:
+        """Close the engine stream (a no-op once it ended) without awaiting inside a cancelled scope."""
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            background(_quietly(aclose()))
 
     def token_text(token_id: int) -> str:
         s = token_text_cache.get(token_id)
@@ -312,7 +337,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
         """`stream = await engine.generate(req)`: admission errors (queue full, invalid) become statuses."""
         try:
             if not is_alive():
-                raise EngineDeadError("engine loop stopped")
+                raise EngineDeadError("the engine loop stopped")
             res = engine.generate(gen_req)
             if inspect.isawaitable(res):
                 res = await res
@@ -377,8 +402,14 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
         finally:
             if not st.engine_done:
                 abort(rid)
+            close_later(it)
         if st.error:
-            raise ApiError(500, f"Generation failed: {st.error}", "InternalServerError")
+            raise failed(st.error)
+
+    def failed(error: str) -> ApiError:
+        if not is_alive():
+            return ApiError(503, f"The engine stopped: {error}", "ServiceUnavailableError")
+        return ApiError(500, f"Generation failed: {error}", "InternalServerError")
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
@@ -392,7 +423,8 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
                     yield sse(head)
                 async for _ in outputs(it, st):
                     if st.error:
-                        yield sse(error_body(f"Generation failed: {st.error}", "InternalServerError", 500))
+                        err = failed(st.error)
+                        yield sse(error_body(err.message, err.type, err.status))
                         break
                     c = chunk(st.take(), st.take_logprobs(), st)
                     if c is not None:
@@ -406,10 +438,10 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
             finally:
                 if not st.engine_done:
                     abort(rid)
+                close_later(it)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _SSEResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # --- endpoints ------------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -504,7 +536,11 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
 
     @app.get("/health")
     async def health() -> Response:
-        ok = is_alive() and (health_check is None or bool(health_check()))
+        try:
+            ok = is_alive() and (health_check is None or bool(health_check()))
+        except Exception:
+            log.exception("health check failed")
+            ok = False
         return Response(status_code=200 if ok else 503)
 
     @app.get("/version")
@@ -526,6 +562,13 @@ async def _anext(it: AsyncIterator[RequestOutput]) -> RequestOutput | None:
         return await it.__anext__()
     except StopAsyncIteration:
         return None
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await coro
+    except Exception:
+        log.debug("cleanup failed", exc_info=True)
 
 
 def _version() -> str:

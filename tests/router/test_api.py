@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server end to end: a real uvicorn server, the official openai client, a tiny HF Mixtral."""
+"""The OpenAI server end to end: a real uvicorn server, the official openai client, a tiny HF Mixtral."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def sse_events(lines):
 
 def wait_idle(engine, timeout=5.0):
     deadline = time.monotonic() + timeout
-    while engine.engine.has_unfinished() or engine.engine.stats().num_free_blocks != engine.engine.stats().num_kv_blocks:
+    while engine.engine.has_unfinished() or engine.engine.stats().num_free_blocks != engine.engine.stats(
+            ).num_kv_blocks:
         assert time.monotonic() < deadline, engine.engine.stats()
         time.sleep(0.01)
 
@@ -205,7 +206,8 @@ def test_chat_logprobs(srv):
     for e in content:
         assert e.logprob <= 0 and e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 2
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob) and e.top_logprobs[0].token == e.token
-    assert srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2).choices[0].logprobs is None
+    r = srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    assert r.choices[0].logprobs is None
 
 
 def test_stop_strings(srv):
@@ -293,16 +295,20 @@ BAD = [  # (path, body, status, param or None, message fragment)
 
 
 def test_bad_inputs_beside_a_long_stream(srv):
-    result = {}
+    result, started = {"chunks": []}, threading.Event()
 
     def long_stream():
-        chunks = list(srv.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True,
-                                                    stream_options={"include_usage": True}, **GREEDY))
-        result["chunks"] = chunks
+        for c in srv.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True,
+                                               stream_options={"include_usage": True}, **GREEDY):
+            result["chunks"].append(c)
+            started.set()
 
     t = threading.Thread(target=long_stream)
     t.start()
+    assert started.wait(10)
+    overlapping = 0
     for path, body, status, param, fragment in BAD:
+        overlapping += t.is_alive()
         kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
             else {"json": body}
         r = srv.http.post(srv.url + path, **kw)
@@ -312,7 +318,7 @@ def test_bad_inputs_beside_a_long_stream(srv):
         assert err["code"] == status and err["param"] == param, (body, err)
         assert err["type"] == ("BadRequestError" if status == 400 else "NotFoundError")
         assert fragment in err["message"], (body, err)
-    assert t.is_alive(), "the long stream should still be running"
+    assert overlapping >= 10, "the bad requests should run beside the long stream"
     t.join(30)
     chunks = result["chunks"]
     assert chunks[-1].usage.completion_tokens == 200 and chunks[-2].choices[0].finish_reason == "length"
