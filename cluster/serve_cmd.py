@@ -1,5 +1,82 @@
-"""`expertmesh serve` (filled in by the server issue)."""
+"""`expertmesh serve`: embedded Ray (or --address), expert workers, the router with the OpenAI API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_PRESET = "tiny"
 
 
 def add_parser(sub) -> None:
-    pass
+    from .cli import DTYPE_CHOICES, positive_int
+
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible API")
+    p.add_argument("--model", help="checkpoint directory (default: a tiny random checkpoint, written once)")
+    p.add_argument("--workers", type=positive_int, default=2, help="expert worker actors")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    p.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"))
+    p.add_argument("--served-model-name")
+    p.add_argument("--placement", choices=["contiguous", "round-robin"], default="contiguous")
+    p.add_argument("--pg-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default="PACK")
+    p.add_argument("--kv-cache-mb", type=positive_int, default=512, help="KV cache budget")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
+    p.add_argument("--max-waiting", type=positive_int, default=256, help="waiting queue bound (429 beyond)")
+    p.add_argument("--max-model-len", type=positive_int)
+    p.set_defaults(run=run)
+
+
+def default_model_dir() -> Path:
+    """A tiny random checkpoint in the user's cache, written on first use."""
+    from model.random_checkpoint import write_checkpoint
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
+    target = cache / f"{DEFAULT_PRESET}-seed0"
+    if not (target / "config.json").exists():
+        tmp = cache / f".{DEFAULT_PRESET}-{os.getpid()}"
+        print(f"writing a {DEFAULT_PRESET} random checkpoint to {target} (first run only)", file=sys.stderr)
+        write_checkpoint(tmp, DEFAULT_PRESET, seed=0)
+        tmp.rename(target)
+    return target
+
+
+def run(args) -> int:
+    import ray
+
+    from router.scheduler import EngineConfig
+    from router.server import ServerConfig
+
+    from .deployment import ClusterConfig, ExpertCluster
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port: {args.port} is not a TCP port")
+    model_dir = str(Path(args.model) if args.model else default_model_dir())
+    engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+                          max_model_len=args.max_model_len)
+    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          served_model_name=args.served_model_name, engine=engine)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with ExpertCluster(ClusterConfig(model_dir, args.workers, args.dtype, args.placement, args.pg_strategy,
+                                     address=args.address)) as cluster:
+        url = ray.get(cluster.router.start_server.remote(server))
+        name = args.served_model_name or Path(model_dir).name
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        print(f"expertmesh serving {model_dir} with {args.workers} expert workers at {url}", flush=True)
+        print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+        print(f"metrics: {url}/metrics   health: {url}/health   stop: Ctrl-C", flush=True)
+        stop.wait()
+        print("draining in-flight requests and shutting down...", file=sys.stderr, flush=True)
+        ray.get(cluster.router.stop_server.remote())
+    print("stopped", file=sys.stderr)
+    return 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 
 import ray
 import torch
@@ -12,6 +14,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParams
 
 from .remote_experts import RemoteExperts, RoutingTable
+from .server import ServerConfig
 
 
 def torch_threads_from_ray() -> int:
@@ -29,6 +32,8 @@ class RouterActor:
         self.model_dir = model_dir
         self.backend = RemoteExperts(table, num_experts=_num_experts(model_dir), timeout_s=timeout_s)
         self.model = Mixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)
+        self._health = (0.0, True)
+        self.server = None
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": self.device, "node_id": ray.get_runtime_context().get_node_id(),
@@ -53,7 +58,30 @@ class RouterActor:
     def dispatch_log(self) -> list[tuple[int, int, str]]:
         return list(getattr(self, "_log", []))
 
+    def start_server(self, cfg: ServerConfig) -> str:
+        """Start the engine and the OpenAI HTTP API in this actor; returns the URL."""
+        from .server import RouterServer
+
+        self.server = RouterServer(self.model, self.model_dir, cfg, health_check=self.experts_healthy)
+        return self.server.url
+
+    def experts_healthy(self) -> bool:
+        """False while any expert worker is unreachable (probed at most once a second)."""
+        now = time.monotonic()
+        if now - self._health[0] > 1.0:
+            self._health = (now, not self.backend.unreachable(timeout_s=1.0))
+        return self._health[1]
+
+    def engine_stats(self) -> dict:
+        return dataclasses.asdict(self.server.engine.stats())
+
+    def stop_server(self) -> None:
+        if getattr(self, "server", None) is not None:
+            self.server.drain_and_stop()
+            self.server = None
+
     def shutdown(self) -> None:
+        self.stop_server()
         self.backend.close()
 
 

@@ -265,7 +265,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
         raw = await request.body()
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"Invalid JSON body: {e}") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "The request body must be a JSON object")
@@ -291,7 +291,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
                                 f"Please reduce the length of the {what}.", param=what)
 
     def make_request(body: Any, prompt_ids: list[int], num_logprobs: int | None, what: str,
-                     request_id: str) -> GenerationRequest:
+                     request_id: str, arrival: float) -> GenerationRequest:
         max_tokens = body.requested_max_tokens()
         mt_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None \
             else "max_tokens"
@@ -313,7 +313,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
         except ValueError as e:
             raise ApiError(400, str(e), param=str(e).split(":")[0]) from None
         return GenerationRequest(request_id=request_id, prompt_ids=tuple(prompt_ids), sampling=sampling,
-                                 logprobs=num_logprobs, arrival_time=time.monotonic())
+                                 logprobs=num_logprobs, arrival_time=arrival)
 
     async def wait_disconnect(request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -337,7 +337,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
         """`stream = await engine.generate(req)`: admission errors (queue full, invalid) become statuses."""
         try:
             if not is_alive():
-                raise EngineDeadError("the engine loop stopped")
+                raise EngineDeadError("the engine is not accepting requests")
             res = engine.generate(gen_req)
             if inspect.isawaitable(res):
                 res = await res
@@ -446,6 +446,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
     # --- endpoints ------------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrival = time.monotonic()
         body: CompletionRequest = await parse(request, CompletionRequest)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
@@ -456,7 +457,7 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
             prompt_ids = list(prompt)
         check_prompt(prompt_ids, "prompt")
         rid = request_id_of(request)
-        gen_req = make_request(body, prompt_ids, body.logprobs, "prompt", rid)
+        gen_req = make_request(body, prompt_ids, body.logprobs, "prompt", rid, arrival)
         st = _TextState(tokenizer, prompt_ids, body.stop_list, list(body.stop_token_ids or ()),
                         body.logprobs is not None)
         resp_id, ts, model = f"cmpl-{rid}", int(time.time()), served_model_name
@@ -490,16 +491,18 @@ def build_app(engine: Any, tokenizer: Any, served_model_name: str, max_model_len
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        except (ValueError, TypeError) as e:
-            raise ApiError(400, str(e), param="messages") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise ApiError(400, f"messages: {e}" if not str(e).startswith("messages") else str(e),
+                           param="messages") from None
         check_prompt(prompt_ids, "messages")
         rid = request_id_of(request)
         n_lp = body.num_logprobs()
-        gen_req = make_request(body, prompt_ids, n_lp, "messages", rid)
+        gen_req = make_request(body, prompt_ids, n_lp, "messages", rid, arrival)
         st = _TextState(tokenizer, prompt_ids, body.stop_list, list(body.stop_token_ids or ()),
                         n_lp is not None)
         resp_id, ts, model = f"chatcmpl-{rid}", int(time.time()), served_model_name

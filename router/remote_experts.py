@@ -17,7 +17,7 @@ import torch
 
 from model.experts import combine, sort_by_expert
 from protos import expert_pb2, expert_pb2_grpc
-from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, GRPC_OPTIONS, decode_tensor, dtype_name, encode_tensor
+from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, GRPC_OPTIONS, decode_tensor, encode_tensor
 
 
 class ExpertUnavailableError(RuntimeError):
@@ -169,8 +169,21 @@ class RemoteExperts:
     def info(self, addr: str) -> expert_pb2.InfoResponse:
         return self._run(self._info(addr))
 
-    def wire_dtype(self, dtype: torch.dtype) -> str:
-        return dtype_name(dtype)
+    def unreachable(self, timeout_s: float = 1.0) -> list[str]:
+        """Workers that do not answer Info within timeout_s (all probed concurrently)."""
+        async def probe(addr: str) -> bool:
+            try:
+                await self._stubs[addr].Info(expert_pb2.InfoRequest(), timeout=timeout_s)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+
+        async def probe_all() -> list[str]:
+            addrs = self.table.addresses()
+            ok = await asyncio.gather(*(probe(a) for a in addrs))
+            return [a for a, good in zip(addrs, ok, strict=True) if not good]
+
+        return self._run(probe_all(), timeout=timeout_s + 5)
 
     def close(self) -> None:
         async def _close():

@@ -1,0 +1,72 @@
+"""The router's serving stack in one process: engine loop thread + uvicorn HTTP thread over the model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from model.mixtral import Mixtral
+from model.tokenizer import Tokenizer
+
+from .api import build_app
+from .engine import AsyncEngine, Engine
+from .scheduler import EngineConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the checkpoint directory's name
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_bytes=512 * 1024 * 1024))
+    drain_timeout_s: float = 60.0
+
+
+class HttpThread:
+    """uvicorn on its own thread and event loop; `stop` lets in-flight responses finish."""
+
+    def __init__(self, app, host: str, port: int):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=30, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="expertmesh-http", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> int:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("HTTP server did not start (is the port in use?)")
+            time.sleep(0.02)
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+class RouterServer:
+    def __init__(self, model: Mixtral, model_dir: str, cfg: ServerConfig, health_check=None, metrics_app=None):
+        self.cfg = cfg
+        self.engine = Engine(model, cfg.engine)
+        self.async_engine = AsyncEngine(self.engine)
+        name = cfg.served_model_name or model_dir.rstrip("/").split("/")[-1]
+        self.app = build_app(self.async_engine, Tokenizer.from_dir(model_dir), name,
+                             cfg.engine.model_len(model.cfg), api_key=cfg.api_key, health_check=health_check,
+                             metrics_app=metrics_app)
+        self.http = HttpThread(self.app, cfg.host, cfg.port)
+        self.port = self.http.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def drain_and_stop(self) -> None:
+        """Refuse new requests, finish the in-flight ones, then stop HTTP and the engine loop."""
+        self.async_engine.shutdown(drain=True, timeout=self.cfg.drain_timeout_s)
+        self.http.stop()
+
+
