@@ -13,7 +13,9 @@ DTYPE_CHOICES = sorted(DTYPES)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except KeyboardInterrupt:

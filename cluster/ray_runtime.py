@@ -20,7 +20,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_worke
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         cpus = num_cpus or max(os.cpu_count() or 1, num_workers + 2)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
                  _system_config={"metrics_report_interval_ms": 60000})
     return ray.cluster_resources()
 

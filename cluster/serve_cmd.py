@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -47,13 +48,26 @@ def default_model_dir() -> Path:
     return target
 
 
-def run(args) -> int:
-    import ray
+CHILD_ENV = "EXPERTMESH_SERVE_CHILD"
 
+
+def run(args) -> int:
+    """Run the server in a child process in its own session, so a terminal's Ctrl-C reaches only us (not
+    Ray's raylet and GCS, which would die mid-drain); we forward SIGINT/SIGTERM to the child as a drain."""
+    if os.environ.get(CHILD_ENV):
+        return serve(args)
+    child = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args.argv], start_new_session=True,
+                             env={**os.environ, CHILD_ENV: "1"})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    return child.wait()
+
+
+def serve(args) -> int:
     from router.scheduler import EngineConfig
     from router.server import ServerConfig
 
-    from .deployment import ClusterConfig, ExpertCluster
+    from .ray_runtime import start_ray, stop_ray
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port: {args.port} is not a TCP port")
@@ -64,10 +78,24 @@ def run(args) -> int:
     server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           served_model_name=args.served_model_name, engine=engine)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    start_ray(args.address, num_workers=args.workers)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
+    try:
+        return _serve_cluster(args, model_dir, server, stop)
+    finally:
+        stop_ray()
+
+
+def _serve_cluster(args, model_dir: str, server, stop: threading.Event) -> int:
+    import ray
+
+    from .deployment import ClusterConfig, ExpertCluster
+
     with ExpertCluster(ClusterConfig(model_dir, args.workers, args.dtype, args.placement, args.pg_strategy,
                                      address=args.address)) as cluster:
+        if stop.is_set():
+            return 130
         url = ray.get(cluster.router.start_server.remote(server))
         name = args.served_model_name or Path(model_dir).name
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
@@ -75,7 +103,8 @@ def run(args) -> int:
         print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
         print(f"metrics: {url}/metrics   health: {url}/health   stop: Ctrl-C", flush=True)
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
         print("draining in-flight requests and shutting down...", file=sys.stderr, flush=True)
         ray.get(cluster.router.stop_server.remote())
     print("stopped", file=sys.stderr)

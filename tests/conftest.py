@@ -13,7 +13,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=12, include_dashboard=False, log_to_driver=False,
                  _system_config={"metrics_report_interval_ms": 60000})
     yield ray
     ray.shutdown()

@@ -1,0 +1,98 @@
+"""`expertmesh loadtest`: the flags, parsed and checked here so a bad value exits 2 naming its flag."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from .loadtest import ENDPOINTS, GOODPUT_METRICS, LoadTestConfig, format_report, run_load_test
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("loadtest", help="load-test an OpenAI-compatible server (vllm bench serve metrics/JSON)",
+                       description="Stream requests at a target rate and report TTFT, TPOT, ITL, E2E latency, "
+                                   "throughput, goodput and failures; with /metrics, the expert view.")
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions", help=" or ".join(ENDPOINTS))
+    p.add_argument("--model", help="model name (default: the first of /v1/models)")
+    p.add_argument("--num-prompts", default="1000")
+    p.add_argument("--request-rate", default="inf", help="requests/s, or inf to send all at once")
+    p.add_argument("--burstiness", default="1.0", help="gamma shape of arrivals (1 = Poisson)")
+    p.add_argument("--max-concurrency", help="requests in flight at most")
+    p.add_argument("--input-len", help="random prompt tokens (default 1024)")
+    p.add_argument("--output-len", help="output tokens (default 128; max_tokens for dataset lines without one)")
+    p.add_argument("--range-ratio", help="lengths uniform in [len*(1-x), len*(1+x)], x in [0, 1) (default 0)")
+    p.add_argument("--dataset", help='JSONL of {"prompt": ..., "output_len"?: N} or {"messages": [...]}')
+    p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--api-key")
+    p.add_argument("--result-file", help="write the JSON result (vllm bench serve --save-result keys)")
+    p.add_argument("--plot", help="write a PNG: latency percentiles and output throughput over time")
+    p.add_argument("--timeout", default="600", help="seconds per request (default 600)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def _num(text: str | None, flag: str, kind: type = int, default: Any = None) -> Any:
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"{flag}: expected {noun}, got {text!r}") from None
+    if kind is float and math.isnan(value):
+        raise ValueError(f"{flag}: expected a number, got {text!r}")
+    return value
+
+
+def parse_goodput(items: list[str] | None) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in items or []:
+        metric, sep, ms = item.partition(":")
+        try:
+            value = float(ms) if sep else None
+        except ValueError:
+            value = None
+        if value is None or metric not in GOODPUT_METRICS:
+            raise ValueError(f"--goodput: expected METRIC:MS with METRIC in {list(GOODPUT_METRICS)}, got {item!r}")
+        out.append((metric, value))
+    return tuple(out)
+
+
+def config_from_args(args: Any) -> LoadTestConfig:
+    if args.dataset and (args.input_len is not None or args.range_ratio is not None):
+        raise ValueError("--dataset: cannot be combined with --input-len/--range-ratio (random prompts)")
+    cfg = LoadTestConfig(
+        base_url=args.base_url, endpoint=args.endpoint, model=args.model,
+        num_prompts=_num(args.num_prompts, "--num-prompts"),
+        request_rate=_num(args.request_rate, "--request-rate", float),
+        burstiness=_num(args.burstiness, "--burstiness", float),
+        max_concurrency=_num(args.max_concurrency, "--max-concurrency"),
+        input_len=_num(args.input_len, "--input-len", int, 1024),
+        output_len=_num(args.output_len, "--output-len", int, 128),
+        range_ratio=_num(args.range_ratio, "--range-ratio", float, 0.0),
+        dataset=args.dataset, goodput=parse_goodput(args.goodput), seed=_num(args.seed, "--seed"),
+        api_key=args.api_key, timeout_s=_num(args.timeout, "--timeout", float), progress=not args.no_progress)
+    cfg.validate()
+    return cfg
+
+
+def run(args: Any) -> int:
+    cfg = config_from_args(args)
+    for flag, path in (("--result-file", args.result_file), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag}: the directory of {path!r} does not exist")
+    if args.plot:
+        from . import plot  # fail on a missing matplotlib before the run, not after
+    lt = run_load_test(cfg)
+    print(format_report(lt))
+    if args.result_file:
+        lt.save(args.result_file)
+        print(f"wrote {args.result_file}", file=sys.stderr)
+    if args.plot:
+        plot.plot_load_test(lt, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 130 if lt.interrupted else 0
