@@ -164,10 +164,20 @@ def _classify(e: BaseException) -> str:
     if isinstance(e, (httpx.TimeoutException, asyncio.TimeoutError)):
         return "timeout"
     if isinstance(e, httpx.ConnectError):
-        return "connection refused" if "refused" in str(e).lower() else "connection error"
+        return "connection refused" if _refused(e) else "connection error"
     if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError)):
         return "stream dropped"
     return f"other ({type(e).__name__})"
+
+
+def _refused(e: BaseException | None) -> bool:
+    """A ConnectionRefusedError anywhere in the cause chain (anyio wraps it in 'All connection attempts failed')."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower():
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _chunk_text(obj: dict[str, Any]) -> str:
@@ -253,6 +263,11 @@ class _Run:
         self.failed += not res.success
         self.draw()
 
+    async def tick(self) -> None:
+        while True:  # keep the elapsed time moving between completions
+            await asyncio.sleep(0.5)
+            self.draw()
+
     def draw(self, final: bool = False) -> None:
         now = time.perf_counter()
         if not self.show or (not final and now - self._last_draw < 0.1):
@@ -292,6 +307,7 @@ async def _drive(cfg: LoadTestConfig, model: str, requests: list[SampleRequest],
     tasks: list[asyncio.Task[None]] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s, pool=None), limits=limits) as client:
         run.t0 = time.perf_counter()
+        ticker = [asyncio.create_task(run.tick())] if run.show else []
         try:
             for i, (req, at) in enumerate(zip(requests, offsets, strict=True)):
                 delay = run.t0 + at - time.perf_counter()
@@ -301,9 +317,9 @@ async def _drive(cfg: LoadTestConfig, model: str, requests: list[SampleRequest],
             await asyncio.gather(*tasks)
         finally:  # on Ctrl-C (cancellation) the in-flight requests are cancelled and recorded as such
             run.t_end = time.perf_counter()
-            for t in tasks:
+            for t in tasks + ticker:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *ticker, return_exceptions=True)
             run.draw(final=True)
 
 

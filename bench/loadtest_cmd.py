@@ -14,24 +14,28 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("loadtest", help="load-test an OpenAI-compatible server (vllm bench serve metrics/JSON)",
                        description="Stream requests at a target rate and report TTFT, TPOT, ITL, E2E latency, "
                                    "throughput, goodput and failures; with /metrics, the expert view.")
-    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    p.add_argument("--endpoint", default="/v1/completions", help=" or ".join(ENDPOINTS))
-    p.add_argument("--model", help="model name (default: the first of /v1/models)")
-    p.add_argument("--num-prompts", default="1000")
-    p.add_argument("--request-rate", default="inf", help="requests/s, or inf to send all at once")
-    p.add_argument("--burstiness", default="1.0", help="gamma shape of arrivals (1 = Poisson)")
-    p.add_argument("--max-concurrency", help="requests in flight at most")
-    p.add_argument("--input-len", help="random prompt tokens (default 1024)")
-    p.add_argument("--output-len", help="output tokens (default 128; max_tokens for dataset lines without one)")
-    p.add_argument("--range-ratio", help="lengths uniform in [len*(1-x), len*(1+x)], x in [0, 1) (default 0)")
-    p.add_argument("--dataset", help='JSONL of {"prompt": ..., "output_len"?: N} or {"messages": [...]}')
+    p.add_argument("--base-url", required=True, metavar="URL", help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions", metavar="PATH", help=" or ".join(ENDPOINTS))
+    p.add_argument("--model", metavar="NAME", help="model name (default: the first of /v1/models)")
+    p.add_argument("--num-prompts", default="1000", metavar="N", help="requests to send (default 1000)")
+    p.add_argument("--request-rate", default="inf", metavar="R", help="requests/s, or inf to send all at once")
+    p.add_argument("--burstiness", default="1.0", metavar="B", help="gamma shape of arrivals (1 = Poisson)")
+    p.add_argument("--max-concurrency", metavar="C", help="requests in flight at most")
+    p.add_argument("--input-len", metavar="I", help="random prompt tokens (default 1024)")
+    p.add_argument("--output-len", metavar="O",
+                   help="output tokens (default 128; max_tokens for dataset lines without one)")
+    p.add_argument("--range-ratio", metavar="X",
+                   help="lengths uniform in [len*(1-x), len*(1+x)], x in [0, 1) (default 0)")
+    p.add_argument("--dataset", metavar="FILE.jsonl",
+                   help='JSONL of {"prompt": ..., "output_len"?: N} or {"messages": [...]} lines')
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
-    p.add_argument("--seed", default="0")
-    p.add_argument("--api-key")
-    p.add_argument("--result-file", help="write the JSON result (vllm bench serve --save-result keys)")
-    p.add_argument("--plot", help="write a PNG: latency percentiles and output throughput over time")
-    p.add_argument("--timeout", default="600", help="seconds per request (default 600)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", default="0", metavar="S", help="seeds prompts and arrivals (default 0)")
+    p.add_argument("--api-key", metavar="KEY", help="sent as Authorization: Bearer KEY")
+    p.add_argument("--result-file", metavar="F.json",
+                   help="write the JSON result (vllm bench serve --save-result keys)")
+    p.add_argument("--plot", metavar="F.png", help="write a PNG: latency percentiles and output throughput over time")
+    p.add_argument("--timeout", default="600", metavar="S", help="seconds per request (default 600)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(run=run)
 
 

@@ -49,6 +49,8 @@ class PlacementPlan:
         return {e: w for w, experts in enumerate(self.experts_of_worker) for e in experts}
 
 
-def placement_bundles(num_workers: int, use_gpus: bool) -> list[dict[str, float]]:
-    """One bundle per expert worker: a whole GPU where the cluster has GPUs, else one CPU."""
-    return [{"CPU": 1, "GPU": 1} if use_gpus else {"CPU": 1} for _ in range(num_workers)]
+def placement_bundles(num_workers: int, use_gpus: bool, worker_cpus: int = 1,
+                      router_cpus: int = 1) -> list[dict[str, float]]:
+    """One bundle per expert worker, then the router's: each with a whole GPU where the cluster has GPUs."""
+    cpus = [worker_cpus] * num_workers + [router_cpus]
+    return [{"CPU": c, "GPU": 1} if use_gpus else {"CPU": c} for c in cpus]

@@ -7,11 +7,11 @@ import os
 import ray
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, num_workers: int = 1) -> dict:
+def start_ray(address: str | None = None, num_cpus: int | None = None, num_cpus_needed: int = 2) -> dict:
     """Connect to (or start) Ray; returns the cluster's total resources.
 
-    Embedded mode declares at least one logical CPU per expert worker plus the router, so small machines can
-    host every actor (torch threads per actor follow each actor's CPU share, not the declared total).
+    Embedded mode declares at least the logical CPUs the actors ask for (plus one for the driver), so small
+    machines can host every actor (torch threads per actor follow each actor's CPU share, not the declared total).
     """
     if ray.is_initialized():
         return ray.cluster_resources()
@@ -19,7 +19,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_worke
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        cpus = num_cpus or max(os.cpu_count() or 1, num_workers + 2)
+        cpus = num_cpus or max(os.cpu_count() or 1, num_cpus_needed + 1)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
                  _system_config={"metrics_report_interval_ms": 60000})
     return ray.cluster_resources()

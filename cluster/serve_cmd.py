@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 DEFAULT_PRESET = "tiny"
+FILE_SD_REFRESH_S = 10.0
 
 
 def add_parser(sub) -> None:
@@ -31,19 +33,27 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
     p.add_argument("--max-waiting", type=positive_int, default=256, help="waiting queue bound (429 beyond)")
     p.add_argument("--max-model-len", type=positive_int)
+    p.add_argument("--prometheus-file-sd", metavar="PATH",
+                   help="Prometheus file_sd JSON listing the router and worker metrics targets "
+                        "(default: <cache dir>/expertmesh/file_sd.json)")
+    p.add_argument("--no-expert-metrics", action="store_true",
+                   help="drop the per-(layer, expert) metric series (for models with very many experts)")
     p.set_defaults(run=run)
 
 
-def default_model_dir() -> Path:
-    """A tiny random checkpoint in the user's cache, written on first use."""
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
+
+
+def cached_checkpoint(preset: str = DEFAULT_PRESET, dtype: str = "float32") -> Path:
+    """A random checkpoint of `preset` in the user's cache, written on first use (atomically)."""
     from model.random_checkpoint import write_checkpoint
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertmesh"
-    target = cache / f"{DEFAULT_PRESET}-seed0"
+    target = cache_dir() / (f"{preset}-seed0" if dtype == "float32" else f"{preset}-{dtype}-seed0")
     if not (target / "config.json").exists():
-        tmp = cache / f".{DEFAULT_PRESET}-{os.getpid()}"
-        print(f"writing a {DEFAULT_PRESET} random checkpoint to {target} (first run only)", file=sys.stderr)
-        write_checkpoint(tmp, DEFAULT_PRESET, seed=0)
+        tmp = cache_dir() / f".{target.name}-{os.getpid()}"
+        print(f"writing a {preset} random checkpoint to {target} (first run only)", file=sys.stderr)
+        write_checkpoint(tmp, preset, seed=0, dtype=dtype)
         tmp.rename(target)
     return target
 
@@ -64,6 +74,7 @@ def run(args) -> int:
 
 
 def serve(args) -> int:
+    from router.metrics import MetricsConfig
     from router.scheduler import EngineConfig
     from router.server import ServerConfig
 
@@ -71,14 +82,15 @@ def serve(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port: {args.port} is not a TCP port")
-    model_dir = str(Path(args.model) if args.model else default_model_dir())
+    model_dir = str(Path(args.model) if args.model else cached_checkpoint())
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                           max_model_len=args.max_model_len)
     server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                          served_model_name=args.served_model_name, engine=engine)
+                          served_model_name=args.served_model_name, engine=engine,
+                          metrics=MetricsConfig(expert_metrics=not args.no_expert_metrics))
     stop = threading.Event()
-    start_ray(args.address, num_workers=args.workers)
+    start_ray(args.address, num_cpus_needed=args.workers + 1)
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
     try:
@@ -93,18 +105,27 @@ def _serve_cluster(args, model_dir: str, server, stop: threading.Event) -> int:
     from .deployment import ClusterConfig, ExpertCluster
 
     with ExpertCluster(ClusterConfig(model_dir, args.workers, args.dtype, args.placement, args.pg_strategy,
-                                     address=args.address)) as cluster:
+                                     address=args.address, expert_metrics=not args.no_expert_metrics)) as cluster:
         if stop.is_set():
             return 130
         url = ray.get(cluster.router.start_server.remote(server))
+        file_sd = Path(args.prometheus_file_sd) if args.prometheus_file_sd else cache_dir() / "file_sd.json"
+        cluster.write_file_sd(file_sd)
         name = args.served_model_name or Path(model_dir).name
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
         print(f"expertmesh serving {model_dir} with {args.workers} expert workers at {url}", flush=True)
         print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
         print(f"metrics: {url}/metrics   health: {url}/health   stop: Ctrl-C", flush=True)
+        print(f"prometheus file_sd targets: {file_sd} (see deploy/prometheus/prometheus.yml)", flush=True)
+        next_refresh = time.monotonic() + FILE_SD_REFRESH_S
         while not stop.wait(0.5):
-            pass
+            if time.monotonic() >= next_refresh:  # a restarted worker has a new metrics port
+                next_refresh = time.monotonic() + FILE_SD_REFRESH_S
+                try:
+                    cluster.refresh_file_sd()
+                except Exception as e:  # noqa: BLE001 - keep serving; retry next round
+                    print(f"file_sd refresh failed: {e}", file=sys.stderr, flush=True)
         print("draining in-flight requests and shutting down...", file=sys.stderr, flush=True)
         ray.get(cluster.router.stop_server.remote())
     print("stopped", file=sys.stderr)

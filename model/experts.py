@@ -13,6 +13,17 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+# Below this many rows, a bf16 matmul on CPU is memory-bound and fast; above it, CPUs without native bf16
+# (AVX2) emulate it several times slower than fp32, so the weights are upcast for the product.
+BF16_CPU_UPCAST_ROWS = 32
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear, with bf16 products on CPU done in fp32 when that is faster (the result is rounded to bf16)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] >= BF16_CPU_UPCAST_ROWS:
+        return F.linear(x.float(), w.float()).to(torch.bfloat16)
+    return F.linear(x, w)
+
 
 class ExpertBackend(Protocol):
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
@@ -32,8 +43,8 @@ class ExpertWeights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, D]: w2(silu(w1 x) * w3 x)."""
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+        gate, up = linear(x, self.w13).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2)
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class DispatchOrder:
     """The (token, slot) pairs of one layer sorted by expert."""
 
     order: torch.Tensor  # [T*k] flat (token*k + slot) index, sorted by expert (stable)
+    inverse: torch.Tensor  # [T*k] position in the sorted order of each flat (token*k + slot)
     token: torch.Tensor  # [T*k] token row of each sorted pair
     expert: torch.Tensor  # [T*k] expert of each sorted pair
     counts: list[int]  # [E] pairs per expert
@@ -51,7 +63,9 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return DispatchOrder(order=order, token=order // k, expert=flat[order], counts=counts)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return DispatchOrder(order=order, inverse=inverse, token=order // k, expert=flat[order], counts=counts)
 
 
 def run_grouped(x_sorted: torch.Tensor, experts: list[ExpertWeights], counts: list[int]) -> torch.Tensor:
@@ -71,11 +85,13 @@ def run_grouped(x_sorted: torch.Tensor, experts: list[ExpertWeights], counts: li
 
 
 def combine(y_sorted: torch.Tensor, plan: DispatchOrder, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Weight each expert output by its routing weight (fp32, as HF) and sum per token -> [T, D]."""
-    w = weights.reshape(-1)[plan.order]
-    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
-    out.index_add_(0, plan.token, (y_sorted * w[:, None]).to(y_sorted.dtype))
-    return out
+    """Weight each expert output by its fp32 routing weight and sum each token's k outputs -> [T, D].
+
+    A gather back to (token, slot) order and a sum over slots: no scatter (index_add_ is slow in bf16 on CPU).
+    """
+    k = weights.shape[1]
+    y = y_sorted[plan.inverse].view(num_tokens, k, -1)  # [T, k, D]
+    return (y * weights[:, :, None]).sum(dim=1).to(y_sorted.dtype)
 
 
 class LocalExperts:

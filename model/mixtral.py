@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MixtralConfig
-from .experts import ExpertBackend, ExpertWeights, LocalExperts
+from .experts import ExpertBackend, ExpertWeights, LocalExperts, linear
 from .layers import AttentionBatch, apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, route
 from .loader import LoadStats, load_tensors, parse_dtype
 from .weights import all_filter, dense_filter, expert_tensor_name
@@ -99,11 +99,11 @@ class Mixtral:
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.ln_attn, cfg.rms_norm_eps)
-            q, k, v = F.linear(h, lw.wqkv).split([H * hd, KVH * hd, KVH * hd], dim=-1)
+            q, k, v = linear(h, lw.wqkv).split([H * hd, KVH * hd, KVH * hd], dim=-1)
             q = apply_rope(q.view(-1, H, hd), cos, sin)
             k = apply_rope(k.view(-1, KVH, hd), cos, sin)
             attn = paged_attention(q, k, v.view(-1, KVH, hd), kv.k[i], kv.v[i], batch, self.scale)
-            x = x + F.linear(attn, lw.wo)
+            x = x + linear(attn, lw.wo)
             h = rms_norm(x, lw.ln_moe, cfg.rms_norm_eps)
             weights, expert_ids = route(F.linear(h, lw.gate), cfg.num_experts_per_tok)
             x = x + self.experts(i, h, expert_ids, weights)
@@ -112,4 +112,4 @@ class Mixtral:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> fp32 logits [N, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

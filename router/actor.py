@@ -37,7 +37,17 @@ class RouterActor:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": self.device, "node_id": ray.get_runtime_context().get_node_id(),
-                "torch_threads": torch.get_num_threads(), "workers": self.backend.table.addresses()}
+                "torch_threads": torch.get_num_threads(), "workers": self.backend.table.addresses(),
+                "metrics_url": self.metrics_url()}
+
+    def metrics_url(self) -> str | None:
+        """The server's /metrics as other nodes reach it; None while no server with metrics runs."""
+        if self.server is None or self.server.metrics is None:
+            return None
+        host = self.server.cfg.host
+        if host in ("0.0.0.0", "::", ""):
+            host = ray.util.get_node_ip_address()
+        return f"http://{host}:{self.server.port}/metrics"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  return_logits: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
@@ -52,8 +62,17 @@ class RouterActor:
     def record_dispatches(self, on: bool) -> None:
         """Keep a log of (layer, worker) per Dispatch, for tests that count RPCs per step."""
         self._log: list[tuple[int, int, str]] = []
-        self.backend.on_dispatch = (
-            (lambda layer, addr, *rest: self._log.append((self.backend.step, layer, addr))) if on else None)
+        self._recording = on
+        if not getattr(self, "_log_hooked", False):  # chain: a metrics hook keeps running
+            prev = self.backend.on_dispatch
+
+            def hook(layer, addr, *rest):
+                if self._recording:
+                    self._log.append((self.backend.step, layer, addr))
+                if prev is not None:
+                    prev(layer, addr, *rest)
+
+            self.backend.on_dispatch, self._log_hooked = hook, True
 
     def dispatch_log(self) -> list[tuple[int, int, str]]:
         return list(getattr(self, "_log", []))

@@ -19,6 +19,7 @@ from model.layers import AttentionBatch
 from model.mixtral import Mixtral
 from model.sampling import sample_batch
 
+from .metrics import RouterMetrics
 from .requests import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -58,7 +59,7 @@ class _Batch:
 
 
 class Engine:
-    def __init__(self, model: Mixtral, config: EngineConfig):
+    def __init__(self, model: Mixtral, config: EngineConfig, metrics: RouterMetrics | None = None):
         self.model = model
         self.config = config
         num_blocks = config.num_blocks(model.cfg, model.dtype)
@@ -73,6 +74,9 @@ class Engine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._last_step = (0.0, 0)
+        self.metrics = metrics  # None: record nothing
+        if metrics is not None:
+            metrics.attach(self)
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -160,6 +164,8 @@ class Engine:
             outputs = self._postprocess(chunks, sampled)
             self._end_forward()
             self._last_step = (time.monotonic() - start, int(batch.input_ids.numel()))
+            if self.metrics is not None:
+                self.metrics.step(*self._last_step)
             return outputs + self._take_outbox()
 
     def _prepare(self, chunks: list[Chunk]) -> _Batch:
@@ -202,12 +208,17 @@ class Engine:
                 c.seq.num_computed += c.num_tokens
         outputs = []
         now = time.monotonic()
+        m = self.metrics
         for seq, tok in zip(samplers, sampled, strict=True):
             if seq.request_id in self._pending_aborts:
                 continue
             if seq.num_generated == 0:
                 self._prompt_tokens += seq.num_prompt
                 seq.metrics["first_token"] = now
+                if m is not None:
+                    m.first_token(seq.metrics, now)
+            elif m is not None:
+                m.next_token(seq.metrics, now)
             seq.token_ids.append(tok.token_id)
             seq.new_tokens.append(tok)
             self._generation_tokens += 1
@@ -229,6 +240,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, emit: bool = True) -> None:
         """Free the sequence's blocks and forget it; with emit, queue its final output for step()."""
         self.scheduler.finish(seq, reason)
+        if self.metrics is not None:
+            self.metrics.request_finished(seq.metrics, reason)
         seq.error = error
         del self._seqs[seq.request_id]
         if emit:

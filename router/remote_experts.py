@@ -29,16 +29,20 @@ class RoutingTable:
     """(layer, expert) -> replica addresses ("host:port"); the first healthy replica serves."""
 
     replicas: dict[tuple[int, int], tuple[str, ...]]
+    names: dict[str, str] = field(default_factory=dict)  # address -> worker id, for metrics labels
 
     @staticmethod
     def from_placement(experts_of_worker: list[list[int]] | tuple, addresses: list[str],
-                       num_layers: int) -> RoutingTable:
+                       num_layers: int, names: list[str] | None = None) -> RoutingTable:
         table: dict[tuple[int, int], tuple[str, ...]] = {}
         for experts, addr in zip(experts_of_worker, addresses, strict=True):
             for layer in range(num_layers):
                 for e in experts:
                     table[(layer, e)] = table.get((layer, e), ()) + (addr,)
-        return RoutingTable(table)
+        return RoutingTable(table, dict(zip(addresses, names, strict=True)) if names else {})
+
+    def name_of(self, addr: str) -> str:
+        return self.names.get(addr, addr)
 
     def addresses(self) -> list[str]:
         return sorted({a for reps in self.replicas.values() for a in reps})

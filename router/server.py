@@ -13,6 +13,7 @@ from model.tokenizer import Tokenizer
 
 from .api import build_app
 from .engine import AsyncEngine, Engine
+from .metrics import MetricsConfig, RouterMetrics
 from .scheduler import EngineConfig
 
 
@@ -24,6 +25,7 @@ class ServerConfig:
     served_model_name: str | None = None  # default: the checkpoint directory's name
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_bytes=512 * 1024 * 1024))
     drain_timeout_s: float = 60.0
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 class HttpThread:
@@ -51,14 +53,21 @@ class HttpThread:
 class RouterServer:
     def __init__(self, model: Mixtral, model_dir: str, cfg: ServerConfig, health_check=None, metrics_app=None):
         self.cfg = cfg
-        self.engine = Engine(model, cfg.engine)
+        self.metrics = RouterMetrics(cfg.metrics) if cfg.metrics.enabled else None
+        self.engine = Engine(model, cfg.engine, metrics=self.metrics)
         self.async_engine = AsyncEngine(self.engine)
         name = cfg.served_model_name or model_dir.rstrip("/").split("/")[-1]
         self.app = build_app(self.async_engine, Tokenizer.from_dir(model_dir), name,
                              cfg.engine.model_len(model.cfg), api_key=cfg.api_key, health_check=health_check,
-                             metrics_app=metrics_app)
+                             metrics_app=metrics_app or (self.metrics and self.metrics.asgi_app()))
         self.http = HttpThread(self.app, cfg.host, cfg.port)
-        self.port = self.http.start()
+        try:
+            self.port = self.http.start()
+        except BaseException:
+            self.async_engine.shutdown(drain=False)
+            if self.metrics is not None:
+                self.metrics.detach()
+            raise
 
     @property
     def url(self) -> str:
@@ -68,5 +77,7 @@ class RouterServer:
         """Refuse new requests, finish the in-flight ones, then stop HTTP and the engine loop."""
         self.async_engine.shutdown(drain=True, timeout=self.cfg.drain_timeout_s)
         self.http.stop()
+        if self.metrics is not None:
+            self.metrics.detach()
 
 

@@ -17,6 +17,7 @@ import torch
 from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, dtype_name
 
 from .expert_worker import ExpertWorker
+from .metrics import start_metrics_server
 from .servicer import serve_worker
 
 START_TIMEOUT_S = 60.0
@@ -24,17 +25,20 @@ START_TIMEOUT_S = 60.0
 
 class ExpertWorkerActor:
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str, worker_id: str,
-                 host: str = "127.0.0.1", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 host: str = "127.0.0.1", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 expert_metrics: bool = True):
         ctx = ray.get_runtime_context()
         torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1))))
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.worker = ExpertWorker(model_dir, pairs, dtype=dtype, device=device, worker_id=worker_id)
         self.node_id = ctx.get_node_id()
         advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        self.metrics_server, metrics_port = start_metrics_server(self.worker, host, 0, expert_metrics)
+        self.metrics_url = f"http://{advertised}:{metrics_port}/metrics"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"grpc-{worker_id}", daemon=True)
         self.thread.start()
-        start = serve_worker(self.worker, host, 0, max_message_bytes)
+        start = serve_worker(self.worker, host, 0, max_message_bytes, self.metrics_url)
         self.server, port = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=START_TIMEOUT_S)
         self._address = f"{advertised}:{port}"
 
@@ -45,7 +49,7 @@ class ExpertWorkerActor:
         w, ls = self.worker, self.worker.load_stats
         return {"worker_id": w.worker_id, "pairs": list(w.pairs), "dtype": dtype_name(w.dtype),
                 "device": str(w.device), "node_id": self.node_id, "pid": os.getpid(),
-                "address": self._address, "torch_threads": torch.get_num_threads(),
+                "address": self._address, "metrics_url": self.metrics_url, "torch_threads": torch.get_num_threads(),
                 "load_stats": {"tensors_read": ls.tensors_read, "bytes_read": ls.bytes_read}}
 
     def stats(self) -> dict:
@@ -62,3 +66,5 @@ class ExpertWorkerActor:
         self.server = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.metrics_server.shutdown()
+        self.metrics_server.server_close()

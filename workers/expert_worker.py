@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from model.loader import LoadStats, load_tensors, parse_dtype
 from model.weights import expert_tensor_name, experts_filter
 
 log = logging.getLogger(__name__)
+COMPUTE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass
@@ -23,13 +25,19 @@ class WorkerStats:
     tokens: dict[tuple[int, int], int] = field(default_factory=dict)  # rows served per (layer, expert)
     requests: dict[str, int] = field(default_factory=dict)  # Dispatch calls by gRPC status code name
     compute_seconds: float = 0.0  # time inside successful forward calls
+    # forward calls per COMPUTE_BUCKETS bucket (not cumulative; the last is above every bound)
+    compute_counts: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
 
     def count_request(self, code: str) -> None:
         self.requests[code] = self.requests.get(code, 0) + 1
 
+    def observe_compute(self, seconds: float) -> None:
+        self.compute_seconds += seconds
+        self.compute_counts[bisect_left(COMPUTE_BUCKETS, seconds)] += 1
+
     def to_dict(self) -> dict:
         return {"tokens": dict(self.tokens), "requests": dict(self.requests),
-                "compute_seconds": self.compute_seconds}
+                "compute_seconds": self.compute_seconds, "compute_counts": list(self.compute_counts)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,7 +88,7 @@ class ExpertWorker:
         if self.device.type == "cuda":
             y = y.cpu()  # synchronizes
         dt = time.perf_counter() - t0
-        self.stats.compute_seconds += dt
+        self.stats.observe_compute(dt)
         for e, n in zip(expert_ids, counts, strict=True):
             self.stats.tokens[(layer, e)] = self.stats.tokens.get((layer, e), 0) + n
         return y, dt

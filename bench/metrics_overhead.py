@@ -1,0 +1,161 @@
+"""What the router's Prometheus metrics cost: engine decode throughput with metrics on and off, in one run.
+
+An in-process model of the bench preset's shape (narrower, so it runs in about a minute on 2 CPU cores) decodes
+a batch with the engine, once with metrics on (a scrape every scrape_interval_s, as Prometheus would) and once
+off, alternating for `rounds` rounds. Overhead = 1 - median over rounds of (on / off) decode throughput. On a
+busy machine that end-to-end figure is noisier than the effect, so the hot path's own cost is timed too: the
+exact recording calls of one decode step (per-token ITL, per-step histograms, per-layer expert counting),
+in a loop, divided by the measured step time.
+
+    python -m bench.metrics_overhead [--rounds N] [--batch B] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from prometheus_client import generate_latest
+
+from model.experts import ExpertWeights, LocalExperts
+from model.mixtral import Mixtral
+from model.random_checkpoint import build_config
+from model.sampling import SamplingParams
+from model.weights import expected_shapes, expert_tensor_name
+from router.engine import Engine
+from router.expert_metrics import _CountingExperts
+from router.metrics import MetricsConfig, RouterMetrics
+from router.requests import GenerationRequest
+from router.scheduler import EngineConfig
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    hidden_size: int = 256  # the bench preset's layers, experts, heads and vocab; a quarter of its width
+    intermediate_size: int = 896
+    batch: int = 32  # sequences decoding together
+    prompt_len: int = 32
+    decode_tokens: int = 48
+    rounds: int = 6  # on/off pairs, alternating which goes first
+    scrape_interval_s: float = 1.0  # with metrics on; Prometheus' default in deploy/ is 5 s
+    device: str = "cpu"
+    seed: int = 0
+
+
+def build_model(cfg: OverheadConfig) -> Mixtral:
+    """Random weights in memory (no checkpoint on disk), experts in-process."""
+    mcfg = build_config("bench", overrides={"hidden_size": cfg.hidden_size,
+                                            "intermediate_size": cfg.intermediate_size})
+    g = torch.Generator().manual_seed(cfg.seed)
+    tensors = {name: (torch.ones(shape) if name.endswith("norm.weight") else
+                      torch.randn(shape, generator=g) * 0.02).to(cfg.device)
+               for name, shape in expected_shapes(mcfg).items()}
+    experts = LocalExperts([[ExpertWeights.from_hf(*(tensors.pop(expert_tensor_name(i, e, w))
+                                                     for w in ("w1", "w3", "w2")))
+                             for e in range(mcfg.num_local_experts)] for i in range(mcfg.num_hidden_layers)])
+    return Mixtral(mcfg, tensors, experts)
+
+
+def decode_throughput(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetrics | None) -> float:
+    """Decode tokens/s of one batch: the steps after every sequence got its first token, to the end."""
+    engine = Engine(model, EngineConfig(num_kv_blocks=cfg.batch * ((cfg.prompt_len + cfg.decode_tokens) // 16 + 2),
+                                        max_num_seqs=cfg.batch, max_num_batched_tokens=2048), metrics=metrics)
+    params = SamplingParams(max_tokens=cfg.decode_tokens, ignore_eos=True)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for i in range(cfg.batch):
+        prompt = tuple(torch.randint(3, model.cfg.vocab_size, (cfg.prompt_len,), generator=g).tolist())
+        engine.add_request(GenerationRequest(f"r{i}", prompt, params))
+    stop = threading.Event()
+    scraper = None
+    if metrics is not None:
+        scraper = threading.Thread(target=lambda: [generate_latest(metrics.registry)
+                                                   for _ in iter(lambda: stop.wait(cfg.scrape_interval_s), True)])
+        scraper.start()
+    try:
+        while engine.stats().generation_tokens_total < cfg.batch:  # prefill
+            engine.step()
+        start, before = time.perf_counter(), engine.stats().generation_tokens_total
+        while engine.has_unfinished():
+            engine.step()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (engine.stats().generation_tokens_total - before) / (time.perf_counter() - start)
+    finally:
+        stop.set()
+        if scraper is not None:
+            scraper.join()
+        if metrics is not None:
+            metrics.detach()
+
+
+def recording_seconds_per_step(model: Mixtral, cfg: OverheadConfig, steps: int = 2000) -> float:
+    """The metrics work the engine adds to one decode step of `batch` sequences, timed in a loop."""
+    m = RouterMetrics(MetricsConfig())
+    L, E, k = model.cfg.num_hidden_layers, model.cfg.num_local_experts, model.cfg.num_experts_per_tok
+    counting = _CountingExperts(lambda *args: None, torch.zeros(L, E, dtype=torch.int64, device=model.device))
+    ids = torch.randint(0, E, (cfg.batch, k), device=model.device)
+    seqs = [{"arrival": 0.0, "last_token": 0.0} for _ in range(cfg.batch)]
+    start = time.perf_counter()
+    for _ in range(steps):
+        now = time.monotonic()
+        for layer in range(L):
+            counting(layer, None, ids, None)
+        for sm in seqs:
+            m.next_token(sm, now)
+        m.step(0.01, cfg.batch)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(cfg: OverheadConfig = OverheadConfig()) -> dict:
+    model = build_model(cfg)
+    decode_throughput(model, cfg, None)  # warm-up
+    on, off = [], []
+    for r in range(cfg.rounds):
+        for enabled in ((True, False) if r % 2 == 0 else (False, True)):
+            tps = decode_throughput(model, cfg, RouterMetrics(MetricsConfig()) if enabled else None)
+            (on if enabled else off).append(tps)
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
+    step_s = cfg.batch / max(off)  # the fastest off run's decode step
+    rec_s = recording_seconds_per_step(model, cfg)
+    return {"config": asdict(cfg), "on_tok_s": on, "off_tok_s": off,
+            "on_median": statistics.median(on), "off_median": statistics.median(off),
+            "on_best": max(on), "off_best": max(off), "overhead": 1.0 - statistics.median(ratios),
+            "step_ms": 1e3 * step_s, "recording_us_per_step": 1e6 * rec_s, "recording_share": rec_s / step_s}
+
+
+def format_table(res: dict) -> str:
+    c = res["config"]
+    lines = [f"decode throughput, batch {c['batch']}, {c['decode_tokens']} tokens, {c['rounds']} rounds, "
+             f"{c['device']}, {torch.get_num_threads()} threads",
+             f"{'metrics':<10}{'median tok/s':>14}{'best tok/s':>12}   per round",
+             f"{'off':<10}{res['off_median']:>14.1f}{res['off_best']:>12.1f}   "
+             + " ".join(f"{x:.1f}" for x in res["off_tok_s"]),
+             f"{'on':<10}{res['on_median']:>14.1f}{res['on_best']:>12.1f}   "
+             + " ".join(f"{x:.1f}" for x in res["on_tok_s"]),
+             f"end-to-end overhead: {100 * res['overhead']:.2f} % (1 - median of per-round on/off ratios)",
+             f"hot-path recording: {res['recording_us_per_step']:.1f} us per decode step of "
+             f"{res['step_ms']:.1f} ms = {100 * res['recording_share']:.2f} % (target < 2 %)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.metrics_overhead", description=__doc__.split("\n")[0])
+    d = OverheadConfig()
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
+    p.add_argument("--device", default=d.device)
+    args = p.parse_args(argv)
+    cfg = OverheadConfig(rounds=args.rounds, batch=args.batch, decode_tokens=args.decode_tokens, device=args.device)
+    print(format_table(measure(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

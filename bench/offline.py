@@ -1,0 +1,162 @@
+"""Offline decode benchmarks (no HTTP): our in-process model vs HF transformers, and expert workers vs in-process.
+
+Every figure is tokens generated / wall seconds of the whole generate call (prefill included), measured in
+one run so ratios are fair on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model.generation import generate
+from model.mixtral import Mixtral
+from model.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class DecodeBench:
+    model_dir: str
+    dtypes: tuple[str, ...] = ("bfloat16", "float32")
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+    prompt_len: int = 16
+    gen_len: int = 32
+    hf: bool = True  # HF transformers generate on the same checkpoint, same run
+    seed: int = 0
+
+
+def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 1000 + batch)
+    return torch.randint(3, vocab_size, (batch, prompt_len), generator=g).tolist()
+
+
+def time_ours(model: Mixtral, prompts: list[list[int]], gen_len: int) -> float:
+    t0 = time.perf_counter()
+    out, _ = generate(model, prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True))
+    seconds = time.perf_counter() - t0
+    assert all(len(o) == gen_len for o in out)
+    return seconds
+
+
+def time_hf(hf_model, prompts: list[list[int]], gen_len: int) -> float:
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len,
+                                min_new_tokens=gen_len, do_sample=False, pad_token_id=0)
+        seconds = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + gen_len
+    return seconds
+
+
+def load_hf(model_dir: str, dtype: str):
+    import transformers
+
+    model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return model.eval()
+
+
+def run_decode_bench(cfg: DecodeBench, log=print) -> list[dict]:
+    """Rows of {dtype, batch, ours_tok_s, hf_tok_s, ratio}; warm-up runs are not timed."""
+    rows = []
+    for dtype in cfg.dtypes:
+        ours = Mixtral.from_pretrained(cfg.model_dir, dtype=dtype)
+        hf = load_hf(cfg.model_dir, dtype) if cfg.hf else None
+        warm = make_prompts(1, cfg.prompt_len, ours.cfg.vocab_size, cfg.seed + 99)
+        time_ours(ours, warm, 2)
+        if hf is not None:
+            time_hf(hf, warm, 2)
+        for batch in cfg.batch_sizes:
+            prompts = make_prompts(batch, cfg.prompt_len, ours.cfg.vocab_size, cfg.seed)
+            tokens = batch * cfg.gen_len
+            row = {"dtype": dtype, "batch": batch, "ours_tok_s": tokens / time_ours(ours, prompts, cfg.gen_len)}
+            if hf is not None:
+                row["hf_tok_s"] = tokens / time_hf(hf, prompts, cfg.gen_len)
+                row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
+            log(format_row(row))
+            rows.append(row)
+        del ours, hf
+    return rows
+
+
+@dataclass(frozen=True)
+class DistributedBench:
+    model_dir: str
+    workers: tuple[int, ...] = (2, 4)
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+    dtype: str = "bfloat16"
+    prompt_len: int = 16
+    gen_len: int = 32
+    router_cpus: int = 2  # torch threads of the router (and of the in-process baseline)
+    seed: int = 0
+
+
+def run_distributed_bench(cfg: DistributedBench, log=print) -> list[dict]:
+    """Rows per (config, batch): tok/s, ratio to in-process, RPCs and bytes per step, time split."""
+    import ray
+
+    from cluster.deployment import ClusterConfig, ExpertCluster
+
+    torch.set_num_threads(cfg.router_cpus)
+    local = Mixtral.from_pretrained(cfg.model_dir, dtype=cfg.dtype)
+    vocab = local.cfg.vocab_size
+    baseline = {}
+    time_ours(local, make_prompts(1, cfg.prompt_len, vocab, 99), 2)
+    for batch in cfg.batch_sizes:
+        seconds = time_ours(local, make_prompts(batch, cfg.prompt_len, vocab, cfg.seed), cfg.gen_len)
+        baseline[batch] = batch * cfg.gen_len / seconds
+        row = {"config": "in-process", "batch": batch, "tok_s": baseline[batch], "ratio": 1.0}
+        log(format_row(row))
+    del local
+    rows = [{"config": "in-process", "batch": b, "tok_s": v, "ratio": 1.0} for b, v in baseline.items()]
+    steps = cfg.gen_len  # one prefill step + gen_len - 1 decode steps
+    for n in cfg.workers:
+        cluster_cfg = ClusterConfig(cfg.model_dir, n, cfg.dtype, router_cpus=cfg.router_cpus)
+        with ExpertCluster(cluster_cfg) as cluster:
+            router = cluster.router
+            params = SamplingParams(max_tokens=2, ignore_eos=True)
+            ray.get(router.generate.remote(make_prompts(1, cfg.prompt_len, vocab, 99), params))
+            for batch in cfg.batch_sizes:
+                prompts = make_prompts(batch, cfg.prompt_len, vocab, cfg.seed)
+                before = ray.get(router.dispatch_stats.remote())
+                t0 = time.perf_counter()
+                ray.get(router.generate.remote(prompts, SamplingParams(max_tokens=cfg.gen_len, ignore_eos=True)))
+                seconds = time.perf_counter() - t0
+                after = ray.get(router.dispatch_stats.remote())
+                d = {k: after[k] - before[k] for k in ("rpcs", "bytes_sent", "bytes_received", "wall_seconds",
+                                                       "expert_seconds")}
+                tok_s = batch * cfg.gen_len / seconds
+                row = {"config": f"{n} workers", "batch": batch, "tok_s": tok_s, "ratio": tok_s / baseline[batch],
+                       "rpcs_per_step": d["rpcs"] / steps,
+                       "decode_kb_per_step": (d["bytes_sent"] + d["bytes_received"]) / steps / 1024,
+                       "router_s": seconds - d["wall_seconds"], "wire_s": d["wall_seconds"] - d["expert_seconds"],
+                       "expert_s": d["expert_seconds"]}
+                log(format_row(row))
+                rows.append(row)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    return "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def format_table(rows: list[dict], title: str) -> str:
+    """A plain-text table; columns are the union of the rows' keys in first-seen order."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = [title, "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
