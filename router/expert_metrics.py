@@ -1,6 +1,6 @@
 """Where the router's tokens go: per (layer, expert) from the gate's decisions, per worker from Dispatch RPCs.
 
-Hot path: one index_add_ per MoE layer into an [L, E] int64 tensor on the model's device (no host sync), and a
+Hot path: one index_add_ per forward into an [L, E] int64 tensor on the model's device (no host sync), and a
 few dict updates per Dispatch RPC (the RemoteExperts on_dispatch hook). Everything else happens at scrape time.
 """
 
@@ -19,15 +19,29 @@ from .metrics import DISPATCH_BUCKETS, Histogram, MetricsConfig, histogram_famil
 
 
 class _CountingExperts:
-    """An expert backend wrapper that adds each layer's routing decisions to tokens[layer]."""
+    """An expert backend wrapper that adds each forward's routing decisions to tokens [L, E]: it keeps the
+    layers' expert ids and counts them all at the last layer (4 tensor ops a step, none of them syncing).
+    Per thread, so forwards running side by side (RouterActor.generate beside the engine) do not mix."""
 
     def __init__(self, inner: Any, tokens: torch.Tensor):
         self.inner, self.tokens = inner, tokens
+        L, E = tokens.shape
+        self._row_offsets = torch.arange(L, device=tokens.device).view(L, 1) * E  # rows of tokens.view(-1)
+        self._local = threading.local()
+        self._add_lock = threading.Lock()  # in-place adds from two threads could lose counts
 
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
-        flat = expert_ids.reshape(-1)
-        self.tokens[layer].index_add_(0, flat, torch.ones_like(flat))
+        local = self._local
+        if layer == 0:
+            local.pending = []  # a new forward (drops what a failed one left)
+        pending = local.pending
+        pending.append(expert_ids)
+        if len(pending) == self.tokens.shape[0]:
+            flat = (torch.stack(pending).view(len(pending), -1) + self._row_offsets).view(-1)
+            with self._add_lock:
+                self.tokens.view(-1).index_add_(0, flat, torch.ones_like(flat))
+            local.pending = []
         return self.inner(layer, hidden, expert_ids, weights)
 
     def __getattr__(self, name: str) -> Any:

@@ -4,7 +4,6 @@ import collections
 
 import pytest
 import ray
-import torch
 
 from cluster.deployment import ClusterConfig, ExpertCluster
 from cluster.placement import PlacementPlan

@@ -94,3 +94,22 @@ def test_sharded_and_single_file_load_the_same(tmp_path):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     assert generate(a, [ids], params, return_logits=True)[1][0].equal(
         generate(b, [ids], params, return_logits=True)[1][0])
+
+
+def test_expertmesh_checkpoint_matches_hf(tmp_path):
+    """A checkpoint written by `expertmesh checkpoint` (sharded, our tokenizer) gives HF's logits."""
+    import transformers
+
+    from model.random_checkpoint import write_checkpoint
+    from model.tokenizer import Tokenizer
+
+    d = write_checkpoint(tmp_path / "ck", "tiny", seed=5, router_skew=1.0)
+    hf = transformers.MixtralForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ours = Mixtral.from_pretrained(d)
+    ids = Tokenizer.from_dir(d).encode("The router sends each token to two experts.")
+    kv = ours.new_kv_cache(4, 16)
+    logits = ours.logits(ours.forward(torch.tensor(ids), AttentionBatch.build([([0, 1, 2, 3], len(ids), len(ids))],
+                                                                              16, None), kv))
+    assert_close(logits, hf_logits(hf, ids))
+    out, _ = generate(ours, [ids], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert out[0] == hf_greedy(hf, ids, 16)

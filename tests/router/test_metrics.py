@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import torch
 
 from model.mixtral import Mixtral
 from model.random_checkpoint import write_checkpoint
-from router.expert_metrics import ExpertMetrics
+from router.expert_metrics import ExpertMetrics, _CountingExperts
 from router.metrics import TTFT_BUCKETS, Histogram, MetricsConfig
 from router.remote_experts import RoutingTable
 from router.scheduler import EngineConfig
@@ -198,3 +199,23 @@ def test_dispatch_series_and_imbalance_window():
     m.detach()
     backend.on_dispatch(0, "h:1", [0], [5], 0.001, 1, 1)  # not counted after detach
     assert total(scrape_now(), "expertmesh_worker_dispatch_tokens_total") == 58
+
+
+def test_expert_counting_is_per_forward_and_per_thread():
+    tokens = torch.zeros(3, 4, dtype=torch.int64)
+    counting = _CountingExperts(lambda layer, h, ids, w: layer, tokens)
+
+    def forwards(rows: int) -> None:
+        ids = torch.arange(rows * 2).remainder(4).view(rows, 2)  # every expert equally often
+        for _ in range(300):
+            for layer in range(3):
+                assert counting(layer, None, ids, None) == layer
+
+    threads = [threading.Thread(target=forwards, args=(n,)) for n in (2, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counting(0, None, torch.zeros(5, 2, dtype=torch.long), None)  # an unfinished forward counts nothing
+    assert tokens.tolist() == [[300 * (2 + 6) * 2 // 4] * 4] * 3
+    assert counting.inner is not None and tokens.sum() == 3 * 300 * 8 * 2

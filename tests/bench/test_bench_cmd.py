@@ -1,0 +1,43 @@
+"""`expertmesh bench` reproduces every benchmark table in one run (tiny settings here; figures are not asserted)."""
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from model.random_checkpoint import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("bench") / "ck", "tiny", seed=1)
+
+
+def test_all_sections_produce_tables_and_json(ck, tmp_path, capsys, ray_session):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(ck), "--batch-sizes", "1,4", "--gen-len", "4", "--workers", "2",
+            "--serving-workers", "2", "--num-prompts", "8", "--dtypes", "float32", "--json", str(out)]
+    assert main(argv) == 0
+    tables = capsys.readouterr().out
+    for title in ("vs HF transformers", "through expert workers", "serving"):
+        assert title in tables
+    report = json.loads(out.read_text())
+    assert [(r["dtype"], r["batch"]) for r in report["decode"]] == [("float32", 1), ("float32", 4)]
+    assert all(r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in report["decode"])
+    dist = [r for r in report["distributed"] if r["config"] == "2 workers"]
+    assert [r["batch"] for r in dist] == [1, 4]
+    assert all(r["rpcs_per_step"] > 0 and r["expert_s"] > 0 for r in dist)
+    ours, hf = report["serving"]
+    assert ours["completed"] == 8 and ours["failed"] == 0 and hf["completed"] == 8
+    assert ours["output_tok_s"] > 0 and ours["vs_hf"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--sections", "decode,nope"], "--sections"),
+    (["bench", "--batch-sizes", "1,x"], "--batch-sizes"),
+    (["bench", "--workers", "0"], "--workers"),
+    (["bench", "--dtypes", "int4"], "dtype"),
+])
+def test_bad_flags(argv, message, capsys, ck):
+    assert main([*argv, "--model", str(ck)]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""The `expertmesh` CLI: checkpoint and generate, in-process and through workers, and clear errors for bad flags."""
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from model.generation import generate
+from model.mixtral import Mixtral
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ck"
+    assert main(["checkpoint", "--preset", "tiny", "--out", str(out), "--seed", "4"]) == 0
+    return out
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_json_is_the_in_process_model(ck, capsys):
+    got = run_json(capsys, ["generate", "--model", str(ck), "--prompt", "Hello experts", "--max-tokens", "9",
+                            "--ignore-eos", "--json"])
+    tok = Tokenizer.from_dir(ck)
+    want, _ = generate(Mixtral.from_pretrained(ck), [tok.encode("Hello experts")],
+                       SamplingParams(max_tokens=9, ignore_eos=True))
+    assert got == {"token_ids": want[0], "text": tok.decode(want[0])}
+
+
+def test_generate_through_workers_equals_local(ck, capsys, ray_session):
+    argv = ["generate", "--model", str(ck), "--prompt-ids", "1,5,9,200", "--max-tokens", "8", "--ignore-eos",
+            "--json"]
+    local = run_json(capsys, [*argv, "--local"])
+    remote = run_json(capsys, [*argv, "--workers", "2"])
+    assert remote == local and len(local["token_ids"]) == 8
+
+
+def test_sampling_with_seed_is_reproducible(ck, capsys):
+    argv = ["generate", "--model", str(ck), "--prompt", "x", "--max-tokens", "12", "--temperature", "0.9",
+            "--top-p", "0.8", "--top-k", "50", "--seed", "7", "--ignore-eos", "--json"]
+    assert run_json(capsys, argv) == run_json(capsys, argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "{ck}", "--prompt-ids", "1,x"], "--prompt-ids: expected comma-separated integers"),
+    (["generate", "--model", "{ck}", "--prompt-ids", "1,99999"], "token id 99999 is outside the vocabulary"),
+    (["generate", "--model", "{ck}", "--prompt", "a", "--workers", "9"], "9 workers for 8 experts"),
+    (["generate", "--model", "{ck}", "--prompt", "a", "--top-p", "0"], "top_p"),
+    (["generate", "--model", "{ck}/missing", "--prompt", "a"], "config.json not found"),
+    (["checkpoint", "--out", "{ck}"], "not an empty directory"),
+    (["checkpoint", "--preset", "mixtral-8x7b", "--out", "{tmp}/big"], "GB"),
+])
+def test_bad_input_is_a_clear_error(ck, tmp_path, capsys, argv, message):
+    argv = [a.format(ck=ck, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "m", "--prompt", "a", "--max-tokens", "0"],
+    ["generate", "--model", "m", "--prompt", "a", "--workers", "0"],
+    ["generate", "--model", "m", "--prompt", "a", "--prompt-ids", "1"],
+    ["checkpoint", "--preset", "huge", "--out", "x"],
+    ["checkpoint", "--out", "x", "--router-skew", "-1"],
+    ["checkpoint", "--out", "x", "--dtype", "int8"],
+])
+def test_bad_flags_rejected_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
