@@ -3,9 +3,9 @@
 An in-process model of the bench preset's shape (narrower, so it runs in about a minute on 2 CPU cores) decodes
 a batch with the engine, once with metrics on (a scrape every scrape_interval_s, as Prometheus would) and once
 off, alternating for `rounds` rounds. Overhead = 1 - median over rounds of (on / off) decode throughput. On a
-busy machine that end-to-end figure is noisier than the effect, so the hot path's own cost is timed too: the
-exact recording calls of one decode step (per-token ITL, per-step histograms, per-layer expert counting),
-in a loop, divided by the measured step time.
+busy machine whole runs differ more than the effect, so two finer measurements follow: one batch decoded with
+metrics switched on and off every other step (on/off/off/on...), comparing median step times; and the hot path's
+own cost, the exact recording calls of one decode step timed in a loop, divided by the step time.
 
     python -m bench.metrics_overhead [--rounds N] [--batch B] [--device cuda]
 """
@@ -13,6 +13,7 @@ in a loop, divided by the measured step time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import threading
 import time
@@ -40,7 +41,7 @@ class OverheadConfig:
     batch: int = 32  # sequences decoding together
     prompt_len: int = 32
     decode_tokens: int = 48
-    rounds: int = 6  # on/off pairs, alternating which goes first
+    rounds: int = 4  # on/off pairs, alternating which goes first; as many step-interleaved batches
     scrape_interval_s: float = 1.0  # with metrics on; Prometheus' default in deploy/ is 5 s
     device: str = "cpu"
     seed: int = 0
@@ -60,8 +61,8 @@ def build_model(cfg: OverheadConfig) -> Mixtral:
     return Mixtral(mcfg, tensors, experts)
 
 
-def decode_throughput(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetrics | None) -> float:
-    """Decode tokens/s of one batch: the steps after every sequence got its first token, to the end."""
+def prefilled_engine(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetrics | None) -> Engine:
+    """An engine whose batch of `batch` requests has just got its first tokens: decoding is what is left."""
     engine = Engine(model, EngineConfig(num_kv_blocks=cfg.batch * ((cfg.prompt_len + cfg.decode_tokens) // 16 + 2),
                                         max_num_seqs=cfg.batch, max_num_batched_tokens=2048), metrics=metrics)
     params = SamplingParams(max_tokens=cfg.decode_tokens, ignore_eos=True)
@@ -69,6 +70,14 @@ def decode_throughput(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetric
     for i in range(cfg.batch):
         prompt = tuple(torch.randint(3, model.cfg.vocab_size, (cfg.prompt_len,), generator=g).tolist())
         engine.add_request(GenerationRequest(f"r{i}", prompt, params))
+    while engine.stats().generation_tokens_total < cfg.batch:
+        engine.step()
+    return engine
+
+
+def decode_throughput(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetrics | None) -> float:
+    """Decode tokens/s of one batch: the steps after every sequence got its first token, to the end."""
+    engine = prefilled_engine(model, cfg, metrics)
     stop = threading.Event()
     scraper = None
     if metrics is not None:
@@ -76,8 +85,6 @@ def decode_throughput(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetric
                                                    for _ in iter(lambda: stop.wait(cfg.scrape_interval_s), True)])
         scraper.start()
     try:
-        while engine.stats().generation_tokens_total < cfg.batch:  # prefill
-            engine.step()
         start, before = time.perf_counter(), engine.stats().generation_tokens_total
         while engine.has_unfinished():
             engine.step()
@@ -90,6 +97,33 @@ def decode_throughput(model: Mixtral, cfg: OverheadConfig, metrics: RouterMetric
             scraper.join()
         if metrics is not None:
             metrics.detach()
+
+
+def interleaved_step_seconds(model: Mixtral, cfg: OverheadConfig) -> tuple[list[float], list[float]]:
+    """One batch's decode steps with metrics switched on and off in an on/off/off/on pattern: (on, off) seconds.
+
+    Both halves see the same batch and the same background load; only the recording differs.
+    """
+    metrics = RouterMetrics(MetricsConfig())
+    engine = prefilled_engine(model, cfg, metrics)  # prefilled with metrics on: every sequence has its timestamps
+    counting, plain = model.experts, metrics.experts.backend
+    on: list[float] = []
+    off: list[float] = []
+    try:
+        for i in itertools.count():
+            if not engine.has_unfinished():
+                break
+            enabled = i % 4 in (0, 3)
+            engine.metrics, model.experts = (metrics, counting) if enabled else (None, plain)
+            start = time.perf_counter()
+            engine.step()
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            (on if enabled else off).append(time.perf_counter() - start)
+    finally:
+        engine.metrics, model.experts = metrics, counting
+        metrics.detach()
+    return on, off
 
 
 def recording_seconds_per_step(model: Mixtral, cfg: OverheadConfig, steps: int = 2000) -> float:
@@ -132,12 +166,19 @@ def measure(cfg: OverheadConfig = OverheadConfig()) -> dict:
             tps = decode_throughput(model, cfg, RouterMetrics(MetricsConfig()) if enabled else None)
             (on if enabled else off).append(tps)
     ratios = [a / b for a, b in zip(on, off, strict=True)]
-    step_s = cfg.batch / max(off)  # the fastest off run's decode step
+    step_on, step_off = [], []
+    for _ in range(cfg.rounds):
+        a, b = interleaved_step_seconds(model, cfg)
+        step_on += a
+        step_off += b
+    step_s = statistics.median(step_off)
     rec_s = recording_seconds_per_step(model, cfg)
     scrape_s = scrape_seconds(model)
     return {"config": asdict(cfg), "on_tok_s": on, "off_tok_s": off,
             "on_median": statistics.median(on), "off_median": statistics.median(off),
             "on_best": max(on), "off_best": max(off), "overhead": 1.0 - statistics.median(ratios),
+            "interleaved_steps": len(step_on) + len(step_off), "step_on_ms": 1e3 * statistics.median(step_on),
+            "step_off_ms": 1e3 * step_s, "interleaved_overhead": statistics.median(step_on) / step_s - 1.0,
             "step_ms": 1e3 * step_s, "recording_us_per_step": 1e6 * rec_s, "recording_share": rec_s / step_s,
             "scrape_ms": 1e3 * scrape_s, "scrape_share_5s": scrape_s / 5.0}
 
@@ -151,7 +192,9 @@ def format_table(res: dict) -> str:
              + " ".join(f"{x:.1f}" for x in res["off_tok_s"]),
              f"{'on':<10}{res['on_median']:>14.1f}{res['on_best']:>12.1f}   "
              + " ".join(f"{x:.1f}" for x in res["on_tok_s"]),
-             f"end-to-end overhead: {100 * res['overhead']:.2f} % (1 - median of per-round on/off ratios)",
+             f"run-level overhead: {100 * res['overhead']:.2f} % (1 - median of per-round on/off ratios)",
+             f"step-interleaved: median decode step {res['step_on_ms']:.2f} ms on, {res['step_off_ms']:.2f} ms off "
+             f"({res['interleaved_steps']} steps) = {100 * res['interleaved_overhead']:.2f} % overhead",
              f"hot-path recording: {res['recording_us_per_step']:.1f} us per decode step of "
              f"{res['step_ms']:.1f} ms = {100 * res['recording_share']:.2f} % (target < 2 %)",
              f"scrape: {res['scrape_ms']:.2f} ms each = {100 * res['scrape_share_5s']:.3f} % at a 5 s scrape interval"]

@@ -130,3 +130,19 @@ def test_no_expert_metrics_flag(served, tmp_path):
         server.server_close()
     assert "expertmesh_worker_expert_tokens_total" not in names(w)
     assert total(w, "expertmesh_worker_requests_total", worker="w9", code="OK") == 0
+
+
+def test_file_sd_written_atomically_and_only_on_change(tmp_path):
+    from cluster.file_sd import file_sd_groups, write_file_sd
+
+    path = tmp_path / "sd" / "file_sd.json"
+    groups = file_sd_groups("http://10.0.0.1:8000/metrics", [("worker-0", "http://10.0.0.2:9100/metrics")])
+    assert groups == [{"targets": ["10.0.0.1:8000"], "labels": {"job": "expertmesh-router"}},
+                      {"targets": ["10.0.0.2:9100"], "labels": {"job": "expertmesh-worker", "worker": "worker-0"}}]
+    assert write_file_sd(path, groups) and json.loads(path.read_text()) == groups
+    inode = path.stat().st_ino
+    assert not write_file_sd(path, groups) and path.stat().st_ino == inode  # unchanged: not rewritten
+    moved = file_sd_groups(None, [("worker-0", "http://10.0.0.2:9200/metrics")])
+    assert write_file_sd(path, moved) and json.loads(path.read_text()) == moved
+    assert path.stat().st_ino != inode  # replaced by rename, never written in place
+    assert [p.name for p in path.parent.iterdir()] == ["file_sd.json"]

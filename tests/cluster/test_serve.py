@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", str(ck), "--workers", "2",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--port", str(port), "--prometheus-file-sd", str(ck.parent / "file_sd.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

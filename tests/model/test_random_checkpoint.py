@@ -14,7 +14,6 @@ from model.random_checkpoint import (
     build_config,
     checkpoint_size_bytes,
     expert_ranks,
-    main,
     write_checkpoint,
 )
 from model.tokenizer import Tokenizer
@@ -167,9 +166,13 @@ def test_errors(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert main([str(tmp_path / "ck"), "--dtype", "float16", "--single-file", "--router-skew", "0.5"]) == 0
-    assert (tmp_path / "ck" / "model.safetensors").exists()
-    assert main([str(tmp_path / "ck")]) == 2
+    from cluster.cli import main
+
+    argv = ["checkpoint", "--out", str(tmp_path / "ck"), "--dtype", "float16", "--router-skew", "0.5"]
+    assert main(argv) == 0
+    assert (tmp_path / "ck" / "model.safetensors.index.json").exists()
+    assert {str(t.dtype) for t in read_all(tmp_path / "ck").values()} == {"torch.float16"}
+    assert main(argv) == 2
     assert "not an empty directory" in capsys.readouterr().err
 
 
