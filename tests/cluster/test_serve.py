@@ -31,9 +31,10 @@ def server(tmp_path_factory):
     write_checkpoint(ck, "tiny", seed=3)
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--model", str(ck), "--workers", "2",
-                             "--port", str(port), "--prometheus-file-sd", str(ck.parent / "file_sd.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    argv = ["serve", "--model", str(ck), "--workers", "2", "--port", str(port),
+            "--prometheus-file-sd", str(ck.parent / "file_sd.json")]
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     errors: list[str] = []
