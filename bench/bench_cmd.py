@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", default="2,4", help="distributed section worker counts")
     p.add_argument("--serving-workers", type=positive_int, default=4)
     p.add_argument("--num-prompts", type=positive_int, default=128, help="serving section requests")
+    p.add_argument("--repeats", type=positive_int, default=2, help="decode section: best of N interleaved runs")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers baselines")
     p.add_argument("--json", help="also write all rows to this JSON file")
     p.set_defaults(run=run)
@@ -63,7 +64,7 @@ def run(args) -> int:
     report: dict[str, list[dict]] = {}
     if "decode" in sections:
         report["decode"] = run_decode_bench(DecodeBench(model_dir, dtypes, batches, args.prompt_len, args.gen_len,
-                                                        hf=not args.no_hf), log)
+                                                        hf=not args.no_hf, repeats=args.repeats), log)
         print(format_table(report["decode"], "in-process decode tokens/s (prefill included) vs HF transformers"))
     if "distributed" in sections:
         report["distributed"] = run_distributed_bench(
