@@ -31,9 +31,9 @@ class ServerConfig:
 class HttpThread:
     """uvicorn on its own thread and event loop; `stop` lets in-flight responses finish."""
 
-    def __init__(self, app, host: str, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=30, lifespan="off"))
+    def __init__(self, app, host: str, port: int, graceful_s: float = 30.0, log_level: str = "warning"):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=graceful_s, lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, name="expertmesh-http", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> int:

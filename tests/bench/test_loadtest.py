@@ -13,7 +13,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
 
 from bench import expert_view as ev
@@ -27,6 +26,7 @@ from router.api import build_app
 from router.engine import AsyncEngine, Engine
 from router.requests import EngineDeadError, RequestOutput, TokenOutput
 from router.scheduler import EngineConfig
+from router.server import HttpThread
 
 MODEL, MAX_LEN = "tiny-mixtral", 512
 STATS = ("mean", "median", "std", "p90", "p99")
@@ -63,25 +63,12 @@ class InFlight:
             self.now -= 1
 
 
-class Server:
+class Server(HttpThread):
     """uvicorn on a free 127.0.0.1 port in a thread; stop() cuts streams still running after 0.1 s."""
 
     def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off",
-                                                    timeout_graceful_shutdown=0.1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__init__(app, "127.0.0.1", 0, graceful_s=0.1, log_level="critical")
+        self.url = f"http://127.0.0.1:{self.start(timeout_s=10)}"
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +334,7 @@ def test_server_stopped_mid_run(model, tok):
     stopper = threading.Thread(target=stop_after_some)
     stopper.start()
     try:
-        lt = run_load_test(LoadTestConfig(s.server.url, 30, 20.0, model=MODEL, input_len=8, output_len=64,
+        lt = run_load_test(LoadTestConfig(s.server.url, 30, 20.0, model=MODEL, input_len=8, output_len=400,
                                           timeout_s=20, progress=False))
     finally:
         stopper.join()

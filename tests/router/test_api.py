@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -14,7 +13,6 @@ import openai
 import pytest
 import torch
 import transformers
-import uvicorn
 
 from model.generation import generate
 from model.mixtral import Mixtral
@@ -24,30 +22,19 @@ from router.api import build_app
 from router.engine import AsyncEngine, Engine
 from router.requests import RequestOutput, TokenOutput
 from router.scheduler import EngineConfig
+from router.server import HttpThread
 
 V, MAX_LEN, MODEL, NUM_BLOCKS = 512, 512, "tiny-mixtral", 512
 PROMPT = "Hello the model"
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-class Server:
+class Server(HttpThread):
     """uvicorn on 127.0.0.1, a free port, in a background thread."""
 
     def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__init__(app, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.start(timeout_s=10)}"
 
 
 @pytest.fixture(scope="module")
