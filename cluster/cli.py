@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 
 from model.loader import DTYPES
 
@@ -31,13 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_parser(sub)
     _generate_parser(sub)
     from . import serve_cmd
+
     serve_cmd.add_parser(sub)
-    for name in ("loadtest", "bench"):
-        try:
-            module = __import__(f"bench.{name}_cmd", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        module.add_parser(sub)
+    # Commands of the packages above cluster (bench: loadtest, bench) register as entry points, so the control
+    # plane does not import them.
+    for ep in sorted(entry_points(group="expertmesh.commands"), key=lambda e: e.name):
+        ep.load()(sub)
     return p
 
 
