@@ -9,6 +9,7 @@ import time
 import ray
 import torch
 
+from model.config import MixtralConfig
 from model.generation import generate
 from model.mixtral import Mixtral
 from model.sampling import SamplingParams
@@ -30,7 +31,7 @@ class RouterActor:
         torch_threads_from_ray()
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_dir = model_dir
-        self.backend = RemoteExperts(table, num_experts=_num_experts(model_dir), timeout_s=timeout_s)
+        self.backend = RemoteExperts(table, num_experts=MixtralConfig.from_file(model_dir).num_local_experts, timeout_s=timeout_s)
         self.model = Mixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)
         self._health = (0.0, True)
         self.server = None
@@ -102,8 +103,3 @@ class RouterActor:
     def shutdown(self) -> None:
         self.stop_server()
         self.backend.close()
-
-
-def _num_experts(model_dir: str) -> int:
-    from model.config import MixtralConfig
-    return MixtralConfig.from_file(model_dir).num_local_experts
