@@ -31,7 +31,8 @@ class RouterActor:
         torch_threads_from_ray()
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.model_dir = model_dir
-        self.backend = RemoteExperts(table, num_experts=MixtralConfig.from_file(model_dir).num_local_experts, timeout_s=timeout_s)
+        num_experts = MixtralConfig.from_file(model_dir).num_local_experts
+        self.backend = RemoteExperts(table, num_experts=num_experts, timeout_s=timeout_s)
         self.model = Mixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)
         self._health = (0.0, True)
         self.server = None
