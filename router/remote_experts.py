@@ -98,11 +98,6 @@ class RemoteExperts:
                 self._channels[addr] = ch
                 self._stubs[addr] = expert_pb2_grpc.ExpertServiceStub(ch)
 
-    def update_table(self, table: RoutingTable) -> None:
-        """Swap the routing table (failover, new replicas); connects to new workers first."""
-        self._run(self._connect(table.addresses()))
-        self.table = table
-
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         if layer == 0:
@@ -166,12 +161,6 @@ class RemoteExperts:
         if self.on_dispatch is not None:
             self.on_dispatch(layer, addr, experts, [c for c in req.counts], seconds, sent, received)
         return out, reply.compute_seconds
-
-    async def _info(self, addr: str) -> expert_pb2.InfoResponse:
-        return await self._stubs[addr].Info(expert_pb2.InfoRequest(), timeout=self.timeout_s)
-
-    def info(self, addr: str) -> expert_pb2.InfoResponse:
-        return self._run(self._info(addr))
 
     def unreachable(self, timeout_s: float = 1.0) -> list[str]:
         """Workers that do not answer Info within timeout_s (all probed concurrently)."""
