@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", default="2,4", help="distributed section worker counts")
     p.add_argument("--serving-workers", type=positive_int, default=4)
     p.add_argument("--num-prompts", type=positive_int, default=128, help="serving section requests")
-    p.add_argument("--repeats", type=positive_int, default=2, help="decode section: best of N interleaved runs")
+    p.add_argument("--repeats", type=positive_int, default=2,
+                   help="decode and distributed sections: best of N interleaved runs")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers baselines")
     p.add_argument("--json", help="also write all rows to this JSON file")
     p.set_defaults(run=run)
@@ -68,7 +69,8 @@ def run(args) -> int:
         print(format_table(report["decode"], "in-process decode tokens/s (prefill included) vs HF transformers"))
     if "distributed" in sections:
         report["distributed"] = run_distributed_bench(
-            DistributedBench(model_dir, workers, batches, "bfloat16", args.prompt_len, args.gen_len), log)
+            DistributedBench(model_dir, workers, batches, "bfloat16", args.prompt_len, args.gen_len,
+                             repeats=args.repeats), log)
         print(format_table(report["distributed"], "bf16 decode through expert workers vs in-process"))
     if "serving" in sections:
         report["serving"] = run_serving_bench(ServingBench(model_dir, args.serving_workers,

@@ -13,16 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-# Below this many rows, a bf16 matmul on CPU is memory-bound and fast; above it, CPUs without native bf16
-# (AVX2) emulate it several times slower than fp32, so the weights are upcast for the product.
-BF16_CPU_UPCAST_ROWS = 32
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear, with bf16 products on CPU done in fp32 when that is faster (the result is rounded to bf16)."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] >= BF16_CPU_UPCAST_ROWS:
-        return F.linear(x.float(), w.float()).to(torch.bfloat16)
-    return F.linear(x, w)
+from .matmul import linear, prepare_weight
 
 
 class ExpertBackend(Protocol):
@@ -32,14 +23,14 @@ class ExpertBackend(Protocol):
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One SwiGLU expert: w13 = cat(w1 gate, w3 up) [2I, D], w2 down [D, I]."""
+    """One SwiGLU expert: w13 = cat(w1 gate, w3 up) [2I, D], w2 down [D, I], as `prepare_weight` lays them out."""
 
     w13: torch.Tensor
     w2: torch.Tensor
 
     @staticmethod
     def from_hf(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> ExpertWeights:
-        return ExpertWeights(w13=torch.cat([w1, w3], dim=0).contiguous(), w2=w2.contiguous())
+        return ExpertWeights(w13=prepare_weight(torch.cat([w1, w3], dim=0)), w2=prepare_weight(w2.contiguous()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> [N, D]: w2(silu(w1 x) * w3 x)."""

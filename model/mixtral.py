@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from .config import MixtralConfig
-from .experts import ExpertBackend, ExpertWeights, LocalExperts, linear
+from .experts import ExpertBackend, ExpertWeights, LocalExperts
 from .layers import AttentionBatch, apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, route
 from .loader import LoadStats, load_tensors, parse_dtype
+from .matmul import linear, prepare_weight
 from .weights import all_filter, dense_filter, expert_tensor_name
 
 
 @dataclass(frozen=True)
 class LayerWeights:
     ln_attn: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(H + 2 KVH) hd, D]
+    wqkv: torch.Tensor  # [(H + 2 KVH) hd, D], as prepare_weight lays it out (so is wo)
     wo: torch.Tensor  # [D, H hd]
     ln_moe: torch.Tensor  # [D]
     gate: torch.Tensor  # [E, D]
@@ -60,14 +61,16 @@ class Mixtral:
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.norm = tensors["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else tensors["lm_head.weight"]
+        # tied: lm_head shares the embedding (plain layout, for F.embedding) rather than hold a second copy
+        self.lm_head = self.embed if cfg.tie_word_embeddings else prepare_weight(tensors["lm_head.weight"])
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             wqkv = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0)
             self.layers.append(LayerWeights(
-                ln_attn=tensors[p + "input_layernorm.weight"], wqkv=wqkv.contiguous(),
-                wo=tensors[p + "self_attn.o_proj.weight"], ln_moe=tensors[p + "post_attention_layernorm.weight"],
+                ln_attn=tensors[p + "input_layernorm.weight"], wqkv=prepare_weight(wqkv),
+                wo=prepare_weight(tensors[p + "self_attn.o_proj.weight"]),
+                ln_moe=tensors[p + "post_attention_layernorm.weight"],
                 gate=tensors[p + "block_sparse_moe.gate.weight"]))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(self.device)
         self.scale = cfg.head_dim ** -0.5

@@ -27,6 +27,9 @@ def test_all_sections_produce_tables_and_json(ck, tmp_path, capsys, ray_session)
     dist = [r for r in report["distributed"] if r["config"] == "2 workers"]
     assert [r["batch"] for r in dist] == [1, 4]
     assert all(r["rpcs_per_step"] > 0 and r["expert_s"] > 0 for r in dist)
+    # each ratio compares against the in-process runs interleaved with it
+    assert all(r["ratio"] == pytest.approx(r["tok_s"] / r["in_process_tok_s"]) for r in dist)
+    assert [r["batch"] for r in report["distributed"] if r["config"] == "in-process"] == [1, 4]
     ours, hf = report["serving"]
     assert ours["completed"] == 8 and ours["failed"] == 0 and hf["completed"] == 8
     assert ours["output_tok_s"] > 0 and ours["vs_hf"] > 0
