@@ -7,13 +7,16 @@ Measured on the 2-core AVX2 CPU (bench preset shapes, 8 experts streamed from DR
   row counts (prefill) run as fast as with MKL.
 - bf16: without native bf16 (no AVX512-BF16/AMX) oneDNN has no bf16 inner product, and ATen emulates bf16
   GEMMs ~1 ms per row per expert. Below BF16_CPU_UPCAST_ROWS rows that is still the fastest (the product is
-  memory-bound); from there on the product runs in fp32 through oneDNN and is rounded back to bf16.
+  memory-bound); from there on the product runs in fp32 through oneDNN and is rounded back to bf16. The
+  weight is upcast UPCAST_BLOCK_BYTES of fp32 at a time into a reused per-thread buffer, so the fp32 copy
+  stays in cache instead of making a round trip through DRAM (10-25% faster, most with several processes).
 On CUDA, and for other dtypes, `linear` is F.linear and weights stay as they are.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,8 @@ import torch.nn.functional as F
 BF16_CPU_UPCAST_ROWS = 6
 # oneDNN picks its blocked weight layout for an expected row count; measured fine from 1 to 1024 rows.
 PACK_ROWS_HINT = 16
+UPCAST_BLOCK_BYTES = 4 << 20
+_scratch = threading.local()  # .buf: this thread's fp32 buffer for upcast weight blocks
 
 
 @functools.cache
@@ -68,6 +73,21 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if is_packed(w):
         return _onednn(x.contiguous(), w)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= BF16_CPU_UPCAST_ROWS:
-        x, w = x.float().contiguous(), w.float()
-        return (_onednn(x, w) if onednn_fp32_available() else F.linear(x, w)).to(torch.bfloat16)
+        return _upcast_linear(x, w)
     return F.linear(x, w)
+
+
+def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 x @ bf16 w.T computed in fp32 and rounded to bf16, upcasting w one cache-sized block of rows at a time."""
+    n_out, k = w.shape
+    block = min(n_out, max(16, UPCAST_BLOCK_BYTES // (4 * k)))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < block * k:
+        buf = _scratch.buf = torch.empty(block * k, dtype=torch.float32)
+    xf = x.float().contiguous()
+    product = _onednn if onednn_fp32_available() else F.linear
+    out = torch.empty(x.shape[0], n_out, dtype=torch.bfloat16)
+    for r in range(0, n_out, block):
+        n = min(block, n_out - r)
+        out[:, r:r + n] = product(xf, buf[:n * k].view(n, k).copy_(w[r:r + n]))
+    return out

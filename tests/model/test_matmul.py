@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from model.experts import ExpertWeights, run_grouped
-from model.matmul import BF16_CPU_UPCAST_ROWS, is_packed, linear, onednn_fp32_available, prepare_weight, unpack_weight
+from model.matmul import (
+    BF16_CPU_UPCAST_ROWS,
+    UPCAST_BLOCK_BYTES,
+    is_packed,
+    linear,
+    onednn_fp32_available,
+    prepare_weight,
+    unpack_weight,
+)
 
 ROWS = (1, 2, 5, 6, 7, 15, 16, 33, 300)
 
@@ -47,7 +55,23 @@ def test_bf16_matches_fp32_reference(rows):
     ref = F.linear(x.float(), w.float())
     assert rel_err(y, ref) < 1e-2
     if rows >= BF16_CPU_UPCAST_ROWS:  # computed in fp32, rounded once
-        assert torch.equal(y, linear(x.float(), w.float()).to(torch.bfloat16))
+        assert torch.equal(y, _fp32_product(x, w).to(torch.bfloat16))
+
+
+def _fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The fp32 product with the whole weight at once, by the kernel `linear` uses."""
+    x, w = x.float(), w.float()
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") if onednn_fp32_available() else F.linear(x, w)
+
+
+def test_bf16_upcast_in_blocks_equals_whole_weight_product():
+    """A weight several upcast blocks tall (plus a ragged last block) gives the same bits as one product."""
+    k = 256
+    n_out = 3 * (UPCAST_BLOCK_BYTES // (4 * k)) + 5
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(n_out, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(BF16_CPU_UPCAST_ROWS + 3, k, generator=g).to(torch.bfloat16)
+    assert torch.equal(linear(x, w), _fp32_product(x, w).to(torch.bfloat16))
 
 
 def test_other_dtypes_and_shapes_are_left_alone():
