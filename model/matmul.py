@@ -81,13 +81,20 @@ def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """bf16 x @ bf16 w.T computed in fp32 and rounded to bf16, upcasting w one cache-sized block of rows at a time."""
     n_out, k = w.shape
     block = min(n_out, max(16, UPCAST_BLOCK_BYTES // (4 * k)))
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < block * k:
-        buf = _scratch.buf = torch.empty(block * k, dtype=torch.float32)
     xf = x.float().contiguous()
     product = _onednn if onednn_fp32_available() else F.linear
     out = torch.empty(x.shape[0], n_out, dtype=torch.bfloat16)
     for r in range(0, n_out, block):
         n = min(block, n_out - r)
-        out[:, r:r + n] = product(xf, buf[:n * k].view(n, k).copy_(w[r:r + n]))
+        out[:, r:r + n] = product(xf, _upcast_block(w[r:r + n]))
     return out
+
+
+def _upcast_block(w: torch.Tensor) -> torch.Tensor:
+    """w in fp32, in this thread's scratch buffer (valid until the thread's next call). The buffer is an
+    inference tensor, written in inference mode, so callers inside and outside inference mode can share it."""
+    with torch.inference_mode():
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.numel() < w.numel():
+            buf = _scratch.buf = torch.empty(w.numel(), dtype=torch.float32)
+        return buf[:w.numel()].view(w.shape).copy_(w)

@@ -74,6 +74,19 @@ def test_bf16_upcast_in_blocks_equals_whole_weight_product():
     assert torch.equal(linear(x, w), _fp32_product(x, w).to(torch.bfloat16))
 
 
+def test_bf16_upcast_inside_and_outside_inference_mode():
+    """The per-thread upcast buffer serves callers in and out of inference mode, in either order."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(BF16_CPU_UPCAST_ROWS, 32, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        inside = linear(x, w)
+    outside = linear(x, w)
+    with torch.inference_mode():
+        again = linear(x, w)
+    assert torch.equal(inside, outside) and torch.equal(outside, again)
+
+
 def test_other_dtypes_and_shapes_are_left_alone():
     w16 = torch.randn(8, 4).half()
     assert prepare_weight(w16) is w16
