@@ -53,15 +53,10 @@ def is_packed(w: torch.Tensor) -> bool:
 
 def prepare_weight(w: torch.Tensor) -> torch.Tensor:
     """`w` [out, in] in the layout `linear` is fastest with: oneDNN's blocked layout for fp32 on CPU (an
-    opaque tensor: only `linear` and `unpack_weight` read it), otherwise `w` itself."""
+    opaque tensor: `linear` reads it, `.to_dense()` undoes it), otherwise `w` itself."""
     if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and onednn_fp32_available():
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS_HINT)
     return w
-
-
-def unpack_weight(w: torch.Tensor) -> torch.Tensor:
-    """A plain strided tensor of the weight (`prepare_weight` undone)."""
-    return w.to_dense() if is_packed(w) else w
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
