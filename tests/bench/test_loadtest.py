@@ -343,7 +343,9 @@ def test_server_stopped_mid_run(model, tok):
     assert r["completed"] + r["failed"] == 30 and len(lt.requests) == 30
     assert r["failure_reasons"].get("stream dropped", 0) >= 1, r["failure_reasons"]
     assert r["failure_reasons"].get("connection refused", 0) >= 10, r["failure_reasons"]
-    assert set(r["failure_reasons"]) <= {"stream dropped", "connection refused"}, r["failure_reasons"]
+    # a connection accepted just as the server closes is reset rather than refused: also a stop, not a bug
+    assert set(r["failure_reasons"]) <= {"stream dropped", "connection refused", "connection error"}, \
+        r["failure_reasons"]
 
 
 class FlakyEngine:
