@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", default="2,4", help="distributed section worker counts")
     p.add_argument("--serving-workers", type=positive_int, default=4)
     p.add_argument("--num-prompts", type=positive_int, default=128, help="serving section requests")
-    p.add_argument("--repeats", type=positive_int, default=2,
-                   help="decode and distributed sections: best of N interleaved runs")
+    p.add_argument("--repeats", type=positive_int,
+                   help="decode and distributed sections: best of N interleaved runs (default 2 and 3)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers baselines")
     p.add_argument("--json", help="also write all rows to this JSON file")
     p.set_defaults(run=run)
@@ -61,16 +61,17 @@ def run(args) -> int:
     batches = int_list(args.batch_sizes, "--batch-sizes")
     workers = int_list(args.workers, "--workers")
     model_dir = str(Path(args.model) if args.model else bench_model_dir())
+    repeats = {} if args.repeats is None else {"repeats": args.repeats}
     log = lambda row: print(row, file=sys.stderr, flush=True)  # noqa: E731
     report: dict[str, list[dict]] = {}
     if "decode" in sections:
         report["decode"] = run_decode_bench(DecodeBench(model_dir, dtypes, batches, args.prompt_len, args.gen_len,
-                                                        hf=not args.no_hf, repeats=args.repeats), log)
+                                                        hf=not args.no_hf, **repeats), log)
         print(format_table(report["decode"], "in-process decode tokens/s (prefill included) vs HF transformers"))
     if "distributed" in sections:
         report["distributed"] = run_distributed_bench(
             DistributedBench(model_dir, workers, batches, "bfloat16", args.prompt_len, args.gen_len,
-                             repeats=args.repeats), log)
+                             **repeats), log)
         print(format_table(report["distributed"], "bf16 decode through expert workers vs in-process"))
     if "serving" in sections:
         report["serving"] = run_serving_bench(ServingBench(model_dir, args.serving_workers,

@@ -6,6 +6,7 @@ one run so ratios are fair on a shared, noisy machine.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ class DistributedBench:
     prompt_len: int = 16
     gen_len: int = 32
     router_cpus: int = 2  # torch threads of the router (and of the in-process baseline)
-    repeats: int = 2  # interleaved runs (in-process, distributed, ...); the best of each is reported
+    repeats: int = 3  # interleaved pairs (in-process, distributed); the best of each is reported
     seed: int = 0
 
 
@@ -104,7 +105,9 @@ def run_distributed_bench(cfg: DistributedBench, log=print) -> list[dict]:
     """Rows per (config, batch): tok/s, ratio to in-process, RPCs and bytes per step, time split.
 
     While each cluster is up, in-process and distributed runs alternate, so every ratio compares runs made
-    under the same machine load; `in_process_tok_s` is the baseline of that ratio."""
+    under the same machine load: `ratio` is the best distributed run over the best in-process run
+    (`in_process_tok_s`) of that window, `ratio_median` the median over the back-to-back pairs (it shows how
+    much a noisy machine moved the ratio)."""
     import ray
 
     from cluster.deployment import ClusterConfig, ExpertCluster
@@ -133,7 +136,9 @@ def run_distributed_bench(cfg: DistributedBench, log=print) -> list[dict]:
                 local_tok_s = tokens / min(local_s)
                 baseline[batch] = max(baseline.get(batch, 0.0), local_tok_s)
                 tok_s = tokens / seconds
+                pair_ratios = [ls / rs for ls, (rs, _) in zip(local_s, runs, strict=True)]
                 row = {"config": f"{n} workers", "batch": batch, "tok_s": tok_s, "ratio": tok_s / local_tok_s,
+                       "ratio_median": statistics.median(pair_ratios),
                        "in_process_tok_s": local_tok_s, "rpcs_per_step": d["rpcs"] / steps,
                        "decode_kb_per_step": (d["bytes_sent"] + d["bytes_received"]) / steps / 1024,
                        "router_s": seconds - d["wall_seconds"], "wire_s": d["wall_seconds"] - d["expert_seconds"],

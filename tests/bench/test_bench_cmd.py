@@ -16,7 +16,7 @@ def ck(tmp_path_factory):
 def test_all_sections_produce_tables_and_json(ck, tmp_path, capsys, ray_session):
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", str(ck), "--batch-sizes", "1,4", "--gen-len", "4", "--workers", "2",
-            "--serving-workers", "2", "--num-prompts", "8", "--dtypes", "float32", "--json", str(out)]
+            "--serving-workers", "2", "--num-prompts", "8", "--dtypes", "float32", "--repeats", "1", "--json", str(out)]
     assert main(argv) == 0
     tables = capsys.readouterr().out
     for title in ("vs HF transformers", "through expert workers", "serving"):
@@ -29,6 +29,8 @@ def test_all_sections_produce_tables_and_json(ck, tmp_path, capsys, ray_session)
     assert all(r["rpcs_per_step"] > 0 and r["expert_s"] > 0 for r in dist)
     # each ratio compares against the in-process runs interleaved with it
     assert all(r["ratio"] == pytest.approx(r["tok_s"] / r["in_process_tok_s"]) for r in dist)
+    # one pair per batch (--repeats 1): its ratio is also the median pair ratio
+    assert all(r["ratio_median"] == pytest.approx(r["ratio"]) for r in dist)
     assert [r["batch"] for r in report["distributed"] if r["config"] == "in-process"] == [1, 4]
     ours, hf = report["serving"]
     assert ours["completed"] == 8 and ours["failed"] == 0 and hf["completed"] == 8
