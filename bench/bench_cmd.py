@@ -1,20 +1,26 @@
-"""`expertmesh bench`: every README figure from one command (offline decode, distributed, serving)."""
+"""`expertmesh bench`: every README figure from one command (offline decode, distributed, serving), and a soak
+run on request (`--sections soak --minutes M`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
-SECTIONS = ("decode", "distributed", "serving")
+SECTIONS = ("decode", "distributed", "serving", "soak")
+DEFAULT_SECTIONS = "decode,distributed,serving"  # soak runs only when asked for
+SOAK_FLAGS = ("minutes", "soak_workers", "soak_window_s", "soak_warmup_s", "soak_concurrency")
 
 
 def add_parser(sub) -> None:
-    from cluster.cli import positive_int
+    from cluster.cli_args import positive_int
 
     p = sub.add_parser("bench", help="benchmarks: in-process vs HF, workers vs in-process, serving vs HF")
     p.add_argument("--model", help="checkpoint dir (default: the `bench` preset in bf16, written once to the cache)")
-    p.add_argument("--sections", default="decode,distributed,serving", help=f"comma-separated of {SECTIONS}")
+    p.add_argument("--sections", default=DEFAULT_SECTIONS,
+                   help=f"comma-separated of {SECTIONS} (default {DEFAULT_SECTIONS}; soak only when named)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="decode section dtypes")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--prompt-len", type=positive_int, default=16)
@@ -26,6 +32,14 @@ def add_parser(sub) -> None:
                    help="decode and distributed sections: best of N interleaved runs (default 2 and 3)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers baselines")
     p.add_argument("--json", help="also write all rows to this JSON file")
+    soak = p.add_argument_group("soak section", "steady mixed load on a cluster, RSS and latency sampled per window "
+                                                "(model: the tiny preset unless --model)")
+    soak.add_argument("--minutes", metavar="M", help="soak length in minutes, warm-up included (default 30)")
+    soak.add_argument("--soak-workers", type=positive_int, help="expert workers (default 2)")
+    soak.add_argument("--soak-window-s", metavar="S", help="sampling window in seconds (default 15)")
+    soak.add_argument("--soak-warmup-s", metavar="S",
+                      help="warm-up before the RSS baseline, rounded up to whole windows (default 20)")
+    soak.add_argument("--soak-concurrency", type=positive_int, help="requests in flight (default 8)")
     p.set_defaults(run=run)
 
 
@@ -37,6 +51,40 @@ def int_list(text: str, flag: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise ValueError(f"{flag}: values must be positive, got {text!r}")
     return values
+
+
+def number(text: str, flag: str, minimum: float = 0.0, strict: bool = True) -> float:
+    """A finite float above (or, strict=False, at least) minimum, else a ValueError naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{flag}: expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{flag}: expected a number {'>' if strict else '>='} {minimum:g}, got {text!r}")
+    return value
+
+
+def soak_config(args, model: str | None):
+    from .soak import SoakBench
+
+    if model is None:
+        from cluster.serve_cmd import cached_checkpoint
+
+        model = str(cached_checkpoint("tiny"))
+    kw: dict[str, Any] = {}
+    if args.minutes is not None:
+        kw["minutes"] = number(args.minutes, "--minutes")
+    if args.soak_window_s is not None:
+        kw["window_s"] = number(args.soak_window_s, "--soak-window-s")
+    if args.soak_warmup_s is not None:
+        kw["warmup_s"] = number(args.soak_warmup_s, "--soak-warmup-s", strict=False)
+    if args.soak_workers is not None:
+        kw["workers"] = args.soak_workers
+    if args.soak_concurrency is not None:
+        kw["max_concurrency"] = args.soak_concurrency
+    cfg = SoakBench(model, **kw)
+    cfg.validate()
+    return cfg
 
 
 def bench_model_dir() -> Path:
@@ -55,15 +103,20 @@ def run(args) -> int:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         raise ValueError(f"--sections: {unknown or sections} not in {SECTIONS}")
+    given = [f"--{f.replace('_', '-')}" for f in SOAK_FLAGS if getattr(args, f, None) is not None]
+    if given and "soak" not in sections:
+        raise ValueError(f"{', '.join(given)}: only used by the soak section; add soak to --sections")
+    soak_cfg = soak_config(args, args.model) if "soak" in sections else None  # checked before any section runs
     dtypes = tuple(d.strip() for d in args.dtypes.split(","))
     for d in dtypes:
         parse_dtype(d)
     batches = int_list(args.batch_sizes, "--batch-sizes")
     workers = int_list(args.workers, "--workers")
-    model_dir = str(Path(args.model) if args.model else bench_model_dir())
+    others = [s for s in sections if s != "soak"]
+    model_dir = str(Path(args.model) if args.model else bench_model_dir()) if others else soak_cfg.model_dir
     repeats = {} if args.repeats is None else {"repeats": args.repeats}
     log = lambda row: print(row, file=sys.stderr, flush=True)  # noqa: E731
-    report: dict[str, list[dict]] = {}
+    report: dict[str, Any] = {}
     if "decode" in sections:
         report["decode"] = run_decode_bench(DecodeBench(model_dir, dtypes, batches, args.prompt_len, args.gen_len,
                                                         hf=not args.no_hf, **repeats), log)
@@ -77,6 +130,13 @@ def run(args) -> int:
         report["serving"] = run_serving_bench(ServingBench(model_dir, args.serving_workers,
                                                            num_prompts=args.num_prompts, hf=not args.no_hf), log)
         print(format_table(report["serving"], "serving: load test at max concurrency 32 vs HF static batches"))
+    if soak_cfg is not None:
+        from .soak import format_summary, run_soak_bench
+
+        report["soak"] = run_soak_bench(soak_cfg, log)
+        title = f"soak: {Path(soak_cfg.model_dir).name}, {soak_cfg.workers} workers, per {soak_cfg.window_s:g} s window"
+        print(format_table(report["soak"]["windows"], title))
+        print(format_summary(report["soak"]["summary"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_dir, **report}, indent=2))
     return 0

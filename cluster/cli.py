@@ -7,9 +7,8 @@ import json
 import sys
 from importlib.metadata import entry_points
 
-from model.loader import DTYPES
-
-DTYPE_CHOICES = sorted(DTYPES)
+# The shared flag types live in the leaf module cli_args (serve_cmd uses them too); still importable from here.
+from .cli_args import DTYPE_CHOICES, non_negative_float, positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,26 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group="expertmesh.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return p
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
 
 
 def _checkpoint_parser(sub) -> None:

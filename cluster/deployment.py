@@ -65,8 +65,8 @@ class ExpertCluster:
             self.router = self._actor(RouterActor, cfg.num_workers).remote(
                 cfg.model_dir, self.table, cfg.dtype, cfg.dispatch_timeout_s)
             ray.get(self.router.info.remote(), timeout=READY_TIMEOUT_S)
-        except BaseException:
-            self.shutdown()
+        except BaseException:  # an error, or Ctrl-C while starting: nothing was served, kill without a drain
+            self.shutdown(graceful=False)
             raise
 
     def _actor(self, cls, bundle: int):
@@ -101,15 +101,18 @@ class ExpertCluster:
             write_file_sd(self.file_sd_path, groups)
         return groups
 
-    def shutdown(self) -> None:
-        """Stop gRPC servers gracefully, kill the actors, remove the placement group (and Ray if we started it)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop gRPC servers gracefully (unless not `graceful`: an actor still starting would first finish
+        starting), kill the actors, remove the placement group (and Ray if we started it)."""
         if self.router is not None:
-            _quietly(lambda: ray.get(self.router.shutdown.remote(), timeout=30))
-            ray.kill(self.router)
+            if graceful:
+                _quietly(lambda: ray.get(self.router.shutdown.remote(), timeout=30))
+            _quietly(lambda: ray.kill(self.router))
             self.router = None
         for w in self.workers:
-            _quietly(lambda w=w: ray.get(w.stop.remote(), timeout=30))
-            ray.kill(w)
+            if graceful:
+                _quietly(lambda w=w: ray.get(w.stop.remote(), timeout=30))
+            _quietly(lambda w=w: ray.kill(w))
         self.workers = []
         if self.pg is not None:
             _quietly(lambda: remove_placement_group(self.pg))

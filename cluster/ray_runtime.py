@@ -30,5 +30,6 @@ def cluster_has_gpus() -> bool:
 
 
 def stop_ray() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
+    """Disconnect, and stop the embedded Ray's processes; also after a ray.init that was interrupted part way
+    (ray.is_initialized() is then False, but the GCS and raylet may be up)."""
+    ray.shutdown()

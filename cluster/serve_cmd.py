@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -9,14 +10,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
+
+from .cli_args import DTYPE_CHOICES, positive_float, positive_int
 
 DEFAULT_PRESET = "tiny"
 FILE_SD_REFRESH_S = 10.0
 
 
 def add_parser(sub) -> None:
-    from .cli import DTYPE_CHOICES, positive_int
-
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible API")
     p.add_argument("--model", help="checkpoint directory (default: a tiny random checkpoint, written once)")
     p.add_argument("--workers", type=positive_int, default=2, help="expert worker actors")
@@ -33,6 +35,12 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
     p.add_argument("--max-waiting", type=positive_int, default=256, help="waiting queue bound (429 beyond)")
     p.add_argument("--max-model-len", type=positive_int)
+    p.add_argument("--queue-timeout", type=positive_float, metavar="S",
+                   help="a request not scheduled within S seconds gets a 503 (default: wait as long as it takes)")
+    p.add_argument("--max-request-bytes", type=positive_int, default=4 * 1024 * 1024,
+                   help="request body limit in bytes (413 beyond)")
+    p.add_argument("--max-concurrent-requests", type=positive_int, default=1024,
+                   help="HTTP requests in flight at most, streams included (503 + Retry-After beyond)")
     p.add_argument("--prometheus-file-sd", metavar="PATH",
                    help="Prometheus file_sd JSON listing the router and worker metrics targets "
                         "(default: <cache dir>/expertmesh/file_sd.json)")
@@ -59,58 +67,278 @@ def cached_checkpoint(preset: str = DEFAULT_PRESET, dtype: str = "float32") -> P
 
 
 CHILD_ENV = "EXPERTMESH_SERVE_CHILD"
+PARENT_PID_ENV = "EXPERTMESH_SERVE_PARENT_PID"
+PARENT_GONE_GRACE_S = 20.0  # once the parent is gone, the normal drain and stop get this long, then a hard exit
+FORCE_EXIT_RAY_S = 3.0  # the hard exit after PARENT_GONE_GRACE_S first tries ray.shutdown() for this long
+EXIT_GRACE_S = 10.0  # the child's interpreter exit (atexit hooks, leftover threads), once serve() returned
+WATCHDOG_INTERVAL_S = 0.5
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The signal the kernel sends the child when its parent dies. Not SIGTERM: it comes once per exiting thread of
+# the parent (each reparents the child to the next), and a second SIGTERM means "exit now".
+PARENT_DEATH_SIGNAL = signal.SIGHUP
 
 
 def run(args) -> int:
     """Run the server in a child process in its own session, so a terminal's Ctrl-C reaches only us (not
-    Ray's raylet and GCS, which would die mid-drain); we forward SIGINT/SIGTERM to the child as a drain."""
+    Ray's raylet and GCS, which would die mid-drain). The first SIGINT/SIGTERM is forwarded to the child as
+    SIGTERM (drain); a second one SIGKILLs the child's session (it and its Ray) and we exit 130. The child
+    stops (drains) by itself when we die, even by SIGKILL."""
     if os.environ.get(CHILD_ENV):
-        return serve(args)
-    child = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args.argv], start_new_session=True,
-                             env={**os.environ, CHILD_ENV: "1"})
+        parent = os.environ.get(PARENT_PID_ENV)
+        rc = 1
+        try:
+            rc = serve(args, ServeLifecycle(int(parent) if parent else os.getppid()))
+            return rc
+        finally:  # then exiting the interpreter is bounded too
+            threading.Thread(target=_exit_after, args=(EXIT_GRACE_S, rc), name="exit-watchdog", daemon=True).start()
+    child: subprocess.Popen | None = None
+    signals = forwarded = 0
+
+    def forward() -> None:  # each signal once, in order, however the handler and the main thread interleave
+        nonlocal forwarded
+        while child is not None and forwarded < signals:
+            forwarded += 1
+            if forwarded == 1:
+                _say("draining... press Ctrl-C again to force exit")
+                child.send_signal(signal.SIGTERM)
+            else:
+                _say("forcing exit")
+                _kill_session(child.pid)
+
+    def on_signal(_signum, _frame) -> None:
+        nonlocal signals
+        signals += 1
+        forward()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
-    return child.wait()
+        signal.signal(sig, on_signal)
+    # Ray's own SIGTERM handler (in place while ray.init runs in the child) would otherwise wait up to 30 s for a
+    # node drain meant for Ray Serve; we drain ourselves.
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, CHILD_ENV: "1",
+           PARENT_PID_ENV: str(os.getpid())}
+    child = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args.argv], start_new_session=True, env=env)
+    forward()  # a signal that came before the child existed
+    rc = child.wait()
+    if signals >= 2:
+        _kill_session(child.pid)  # whatever of it outlived the child
+        return 130
+    return rc if rc >= 0 else 128 - rc
 
 
-def serve(args) -> int:
+def _say(line: str) -> None:
+    """A line on stderr that takes no lock and never raises: for signal handlers, and for a child whose
+    terminal or pipe is gone."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` but us. The serve child leads its own session, and every process
+    of its embedded Ray stays in it: GCS, raylet, its agents (which outlive a SIGKILLed raylet) and the workers
+    (which have their own process group). Without /proc, the session leader's process group only."""
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        pids = []
+    if not pids:
+        if sid != me:
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except OSError:
+                pass
+        return
+    for pid in pids:
+        try:
+            if pid != me and os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours to ask about
+            pass
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    """Linux: the kernel sends us `sig` when our parent dies. Elsewhere the watchdog thread alone notices."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            _say(f"expertmesh serve: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    except (OSError, AttributeError) as e:
+        _say(f"expertmesh serve: prctl(PR_SET_PDEATHSIG) unavailable: {e}")
+
+
+def _shutdown_ray_quietly() -> None:
+    try:
+        import ray
+
+        ray.shutdown()
+    except BaseException:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def force_exit(code: int, ray_shutdown_s: float = 0.0) -> NoReturn:
+    """Exit now: ray.shutdown() for at most ray_shutdown_s (not from a signal handler: starting a thread there
+    could deadlock), then SIGKILL what is left of our session (the embedded Ray) if we lead it, then os._exit.
+    (Joined to a cluster with --address, the GCS sees this driver gone and removes its actors.)"""
+    if ray_shutdown_s > 0:
+        t = threading.Thread(target=_shutdown_ray_quietly, name="force-exit-ray-shutdown", daemon=True)
+        t.start()
+        t.join(ray_shutdown_s)
+    try:
+        if os.getsid(0) == os.getpid():
+            _kill_session(os.getpid())
+    except OSError:
+        pass
+    os._exit(code)
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    _say(f"expertmesh serve: still exiting after {seconds:.0f} s, exiting now")
+    force_exit(code)
+
+
+class StartupAborted(KeyboardInterrupt):
+    """A stop came in while starting up (a KeyboardInterrupt, so that ray.get passes it on)."""
+
+
+class ServeLifecycle:
+    """When the serve child stops. SIGINT/SIGTERM: the first drains, or aborts a startup at once (StartupAborted
+    in the main thread; the startup also checks between its phases); a second one exits now. The parent's death
+    (PARENT_DEATH_SIGNAL via PR_SET_PDEATHSIG, and a getppid() watchdog): a normal stop, and a hard exit if that
+    takes over PARENT_GONE_GRACE_S.
+
+    Signal handlers only set plain flags (`stopping`): an Event.set() there can deadlock on the Event's lock."""
+
+    def __init__(self, parent_pid: int | None = None):
+        self.parent_pid = parent_pid
+        self.stopping = False
+        self.parent_gone = False
+        self.signals = 0
+        self.starting = True
+
+    def start(self) -> None:
+        self.install_handlers()
+        if self.parent_pid is not None:
+            signal.signal(PARENT_DEATH_SIGNAL, self._on_parent_death)
+            _set_parent_death_signal(PARENT_DEATH_SIGNAL)
+            threading.Thread(target=self._watch_parent, name="parent-watchdog", daemon=True).start()
+
+    def install_handlers(self) -> None:
+        """(Again after ray.init, which installs its own SIGTERM handler.)"""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            _say(f"expertmesh serve: {signal.Signals(signum).name} again, exiting now")
+            force_exit(128 + signum)
+        self.stopping = True
+        self.check()
+
+    def _on_parent_death(self, _signum: int, _frame) -> None:
+        self.parent_gone = self.stopping = True  # the watchdog says so and bounds the stop
+        self.check()
+
+    def signalled_in_ray_init(self) -> None:
+        """Ray's SIGTERM handler (in place during ray.init) took a signal and raised SystemExit: abort."""
+        self.signals += 1
+        self.stopping = True
+        self.check()
+
+    def check(self) -> None:
+        """Abort the startup (raise StartupAborted) if a stop came in; between startup phases, and on a signal."""
+        if self.stopping and self.starting:
+            self.starting = False
+            _say("expertmesh serve: stopping the startup, cleaning up... (signal again to exit now)")
+            raise StartupAborted
+
+    def serving(self) -> None:
+        """Started: from now on a first signal drains (the main loop watches `stopping`)."""
+        self.check()
+        self.starting = False
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep until `stopping` or for `seconds`; returns `stopping`."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        return self.stopping
+
+    def _watch_parent(self) -> None:
+        while not self.parent_gone and os.getppid() == self.parent_pid:
+            time.sleep(WATCHDOG_INTERVAL_S)
+        self.parent_gone = self.stopping = True
+        _say(f"expertmesh serve: parent process {self.parent_pid} is gone, shutting down")
+        time.sleep(PARENT_GONE_GRACE_S)
+        _say(f"expertmesh serve: not stopped {PARENT_GONE_GRACE_S:.0f} s after the parent died, exiting now")
+        force_exit(1, ray_shutdown_s=FORCE_EXIT_RAY_S)
+
+
+def serve(args, life: ServeLifecycle | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (or the parent's death); startup checks for a stop between its phases (Ray,
+    workers and router, HTTP server) and cleans up what it started."""
+    life = life or ServeLifecycle()
+    life.start()  # first thing: a signal during the (slow) imports and startup must stop us too
+    try:
+        return _serve(args, life)
+    except KeyboardInterrupt:  # StartupAborted (ray.get passes it on as a plain KeyboardInterrupt)
+        _say("expertmesh serve: startup aborted")
+        return 130
+    finally:
+        if "cluster.ray_runtime" in sys.modules:  # else Ray was never imported, let alone started
+            from .ray_runtime import stop_ray
+
+            stop_ray()
+
+
+def _serve(args, life: ServeLifecycle) -> int:
+    from router.api import ApiLimits
     from router.metrics import MetricsConfig
     from router.scheduler import EngineConfig
     from router.server import ServerConfig
 
-    from .ray_runtime import start_ray, stop_ray
+    from .ray_runtime import start_ray
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port: {args.port} is not a TCP port")
     model_dir = str(Path(args.model) if args.model else cached_checkpoint())
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, queue_timeout_s=args.queue_timeout)
     server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           served_model_name=args.served_model_name, engine=engine,
-                          metrics=MetricsConfig(expert_metrics=not args.no_expert_metrics))
-    stop = threading.Event()
-    start_ray(args.address, num_cpus_needed=args.workers + 1)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
-        signal.signal(sig, lambda *_: stop.set())
+                          metrics=MetricsConfig(expert_metrics=not args.no_expert_metrics),
+                          limits=ApiLimits(max_request_bytes=args.max_request_bytes,
+                                           max_concurrent_requests=args.max_concurrent_requests))
+    life.check()
     try:
-        return _serve_cluster(args, model_dir, server, stop)
+        start_ray(args.address, num_cpus_needed=args.workers + 1)
+    except SystemExit:  # from Ray's SIGTERM handler
+        life.signalled_in_ray_init()
+        raise
     finally:
-        stop_ray()
+        life.install_handlers()
+    life.check()
+    return _serve_cluster(args, model_dir, server, life)
 
 
-def _serve_cluster(args, model_dir: str, server, stop: threading.Event) -> int:
+def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle) -> int:
     import ray
 
     from .deployment import ClusterConfig, ExpertCluster
 
     with ExpertCluster(ClusterConfig(model_dir, args.workers, args.dtype, args.placement, args.pg_strategy,
                                      address=args.address, expert_metrics=not args.no_expert_metrics)) as cluster:
-        if stop.is_set():
-            return 130
+        life.check()
         url = ray.get(cluster.router.start_server.remote(server))
         file_sd = Path(args.prometheus_file_sd) if args.prometheus_file_sd else cache_dir() / "file_sd.json"
         cluster.write_file_sd(file_sd)
+        life.serving()
         name = args.served_model_name or Path(model_dir).name
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
         print(f"expertmesh serving {model_dir} with {args.workers} expert workers at {url}", flush=True)
@@ -119,14 +347,14 @@ def _serve_cluster(args, model_dir: str, server, stop: threading.Event) -> int:
         print(f"metrics: {url}/metrics   health: {url}/health   stop: Ctrl-C", flush=True)
         print(f"prometheus file_sd targets: {file_sd} (see deploy/prometheus/prometheus.yml)", flush=True)
         next_refresh = time.monotonic() + FILE_SD_REFRESH_S
-        while not stop.wait(0.5):
+        while not life.wait(0.5):
             if time.monotonic() >= next_refresh:  # a restarted worker has a new metrics port
                 next_refresh = time.monotonic() + FILE_SD_REFRESH_S
                 try:
                     cluster.refresh_file_sd()
                 except Exception as e:  # noqa: BLE001 - keep serving; retry next round
-                    print(f"file_sd refresh failed: {e}", file=sys.stderr, flush=True)
-        print("draining in-flight requests and shutting down...", file=sys.stderr, flush=True)
+                    _say(f"file_sd refresh failed: {e}")
+        _say("draining in-flight requests and shutting down...")
         ray.get(cluster.router.stop_server.remote())
-    print("stopped", file=sys.stderr)
+    _say("stopped")
     return 0

@@ -40,6 +40,9 @@ def generate(model: Mixtral, prompts: list[list[int]], params: SamplingParams, b
         hidden = model.forward(ids, batch, kv)
         logits = model.logits(hidden[batch.last_token])
         chosen = sample_batch(logits, [params] * len(active), [gens[i] for i in active])
+        failed = next((c for c in chosen if isinstance(c, str)), None)
+        if failed is not None:
+            raise ValueError(failed)
         still = []
         for row, (i, tok) in enumerate(zip(active, chosen, strict=True)):
             out[i].append(tok)

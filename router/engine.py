@@ -2,6 +2,12 @@
 
 `Engine` is synchronous; add_request/abort/stats may be called from other threads while one thread steps.
 `AsyncEngine` runs that step loop in a background thread and streams outputs to asyncio consumers.
+
+Isolation: no request can fail another. A row whose logits are not finite fails only its own request. A
+forward that raises leaves every sequence as it was (nothing advanced, seeded generators restored; the KV
+slots it wrote are rewritten by the retry), is retried after `step_retry_delays_s`, and if it still fails the
+batch is bisected: the halves run as their own forwards until the request(s) whose forward fails alone are
+found; only those fail (500), everyone else goes on with outputs identical to a run without the fault.
 """
 
 from __future__ import annotations
@@ -17,14 +23,15 @@ import torch
 
 from model.layers import AttentionBatch
 from model.mixtral import Mixtral
-from model.sampling import sample_batch
+from model.sampling import SamplingParamError, sample_batch
 
+from .errors import STATUS_INTERNAL, STATUS_UNAVAILABLE, EngineDeadError, InvalidRequest
 from .metrics import RouterMetrics
 from .requests import (
     FINISH_ABORT,
     FINISH_LENGTH,
     FINISH_STOP,
-    EngineDeadError,
+    EngineStats,
     GenerationRequest,
     RequestOutput,
     TokenOutput,
@@ -32,20 +39,7 @@ from .requests import (
 from .scheduler import FINISHED, Chunk, EngineConfig, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # fraction of KV blocks in use
-    num_kv_blocks: int
-    num_free_blocks: int
-    num_preemptions: int  # total since start
-    prompt_tokens_total: int  # prompt tokens of requests that got their first token
-    generation_tokens_total: int  # sampled tokens
-    last_step_seconds: float
-    last_step_tokens: int  # new tokens in the last step's batch
+__all__ = ["AsyncEngine", "Engine", "EngineStats"]
 
 
 @dataclass(frozen=True)
@@ -74,29 +68,53 @@ class Engine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._last_step = (0.0, 0)
+        self._failed_steps = 0
+        self._recovering = False
+        self.last_step_scheduled = False  # the last step() ran a forward (else it only returned outputs)
         self.metrics = metrics  # None: record nothing
         if metrics is not None:
             metrics.attach(self)
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt plus completion tokens one request can hold (the context and the KV cache bound it)."""
+        return self.scheduler.max_request_tokens
+
     def add_request(self, request: GenerationRequest) -> None:
-        """Queue a request; ValueError when it is invalid or can never fit, QueueFullError at the bound."""
-        request.sampling.validate()
+        """Queue a request. InvalidRequest (naming the field) when it is invalid or can never fit,
+        QueueFullError at the waiting bound."""
+        prompt_param, mt_param = request.prompt_param, request.max_tokens_param
+        try:
+            request.sampling.validate()
+        except SamplingParamError as e:
+            raise InvalidRequest(mt_param if e.param == "max_tokens" else e.param, e.message) from None
         vocab = self.model.cfg.vocab_size
         if not request.prompt_ids:
-            raise ValueError("prompt: needs at least one token")
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+            raise InvalidRequest(prompt_param, "the prompt is empty")
+        bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(prompt_param, f"token id {bad} is out of vocabulary (0..{vocab - 1})")
+        for name, ids in (("stop_token_ids", request.sampling.stop_token_ids),
+                          ("logit_bias", [t for t, _ in request.sampling.logit_bias])):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(name, f"token id {bad} is out of vocabulary (0..{vocab - 1})")
         if request.logprobs is not None and not 0 <= request.logprobs <= vocab:
-            raise ValueError(f"logprobs: must be in [0, {vocab}], got {request.logprobs}")
+            raise InvalidRequest("logprobs", f"must be in [0, {vocab}], got {request.logprobs}")
         stops = set(request.sampling.stop_token_ids)
         if not request.sampling.ignore_eos:
             stops.add(self.model.cfg.eos_token_id)
         with self._lock:
             if request.request_id in self._seqs:
-                raise ValueError(f"request_id: {request.request_id!r} is already running")
-            self.scheduler.check_fits(len(request.prompt_ids), request.sampling.max_tokens)
+                raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+            self.scheduler.check_fits(len(request.prompt_ids), request.sampling.max_tokens, prompt_param,
+                                      mt_param)
             seq = Sequence(request=request, order=self._next_order, token_ids=list(request.prompt_ids),
                            stop_ids=frozenset(stops), generator=request.sampling.make_generator())
             seq.metrics["arrival"] = request.arrival_time or time.monotonic()
@@ -119,14 +137,14 @@ class Engine:
                 self._finish(seq, FINISH_ABORT)
             return True
 
-    def abort_all(self, error: str) -> list[RequestOutput]:
+    def abort_all(self, error: str, status: int = STATUS_UNAVAILABLE) -> list[RequestOutput]:
         """Fail every unfinished request (finish_reason "abort", `error` set); returns all pending outputs."""
         with self._lock:
             for rid, seq in list(self._seqs.items()):
                 if rid in self._in_flight:
                     self._pending_aborts[rid] = error
                 else:
-                    self._finish(seq, FINISH_ABORT, error)
+                    self._finish(seq, FINISH_ABORT, error, status=status)
             return self._take_outbox()
 
     def has_unfinished(self) -> bool:
@@ -141,32 +159,100 @@ class Engine:
                 kv_usage=alloc.usage_ratio, num_kv_blocks=alloc.num_blocks, num_free_blocks=alloc.num_free,
                 num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
                 generation_tokens_total=self._generation_tokens, last_step_seconds=self._last_step[0],
-                last_step_tokens=self._last_step[1])
+                last_step_tokens=self._last_step[1], failed_steps_total=self._failed_steps,
+                recovering=self._recovering)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward over all scheduled tokens, sample, and return this step's outputs."""
+        """Schedule, run one forward over all scheduled tokens, sample, and return this step's outputs.
+
+        A forward that fails is retried, then bisected (see the module doc); step() itself only raises on a
+        bug outside the forward."""
         start = time.monotonic()
         with self._lock:
+            self._expire_waiting(start)
             chunks = self.scheduler.schedule()
+            self.last_step_scheduled = bool(chunks)
             if not chunks:
                 return self._take_outbox()
             self._in_flight = {c.seq.request_id for c in chunks}
-            batch = self._prepare(chunks)
         try:
-            sampled = self._run(batch)
-        except BaseException:
+            outputs = self._run_isolated(chunks)
+        finally:
             with self._lock:
                 self._end_forward()
-            raise
         with self._lock:
-            outputs = self._postprocess(chunks, sampled)
-            self._end_forward()
-            self._last_step = (time.monotonic() - start, int(batch.input_ids.numel()))
+            self._last_step = (time.monotonic() - start, sum(c.num_tokens for c in chunks))
             if self.metrics is not None:
                 self.metrics.step(*self._last_step)
             return outputs + self._take_outbox()
+
+    def _expire_waiting(self, now: float) -> None:
+        """Fail (503) waiting requests never scheduled within the queue timeout."""
+        timeout = self.config.queue_timeout_s
+        if timeout is None:
+            return
+        for seq in [s for s in self.scheduler.waiting if "first_scheduled" not in s.metrics]:
+            if now - seq.metrics["arrival"] > timeout:
+                self._finish(seq, FINISH_ABORT, f"the request waited {now - seq.metrics['arrival']:.1f} s in "
+                             f"the queue, longer than the queue timeout ({timeout:g} s); retry later",
+                             status=STATUS_UNAVAILABLE)
+
+    def _run_isolated(self, chunks: list[Chunk]) -> list[RequestOutput]:
+        """Run chunks as one forward; on failure retry, then bisect so only the request at fault fails."""
+        try:
+            return self._forward(chunks)
+        except Exception as e:  # noqa: BLE001 - any failure of the forward is handled the same way
+            error = e
+        self._recovering = True
+        try:
+            for delay in self.config.step_retry_delays_s:
+                self._failed_steps += 1
+                log.warning("forward of %d sequences failed (%s: %s); retrying in %.2f s", len(chunks),
+                            type(error).__name__, error, delay)
+                time.sleep(delay)
+                try:
+                    return self._forward(chunks)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            self._failed_steps += 1
+            return self._bisect(chunks, error)
+        finally:
+            self._recovering = False
+
+    def _bisect(self, chunks: list[Chunk], error: Exception) -> list[RequestOutput]:
+        if len(chunks) == 1:
+            seq = chunks[0].seq
+            log.error("request %s fails alone: %s: %s", seq.request_id, type(error).__name__, error)
+            with self._lock:
+                if seq.request_id not in self._pending_aborts and seq.status != FINISHED:
+                    self._finish(seq, FINISH_ABORT, f"engine step failed: {type(error).__name__}: {error}",
+                                 status=STATUS_INTERNAL)
+            return []
+        mid = len(chunks) // 2
+        outputs: list[RequestOutput] = []
+        for half in (chunks[:mid], chunks[mid:]):
+            try:
+                outputs += self._forward(half)
+            except Exception as e:  # noqa: BLE001
+                outputs += self._bisect(half, e)
+        return outputs
+
+    def _forward(self, chunks: list[Chunk]) -> list[RequestOutput]:
+        """One forward + sampling over chunks, then postprocess; on failure nothing has changed."""
+        with self._lock:
+            batch = self._prepare(chunks)
+        seeded = [(s.generator, s.generator.get_state()) for s in (c.seq for c in chunks if c.samples)
+                  if s.generator is not None]
+        try:
+            sampled = self._run(batch)
+        except BaseException:
+            for g, state in seeded:  # the retry draws the same numbers
+                g.set_state(state)
+            raise
+        with self._lock:
+            return self._postprocess(chunks, sampled)
 
     def _prepare(self, chunks: list[Chunk]) -> _Batch:
         ids: list[int] = []
@@ -181,7 +267,7 @@ class Engine:
         return _Batch(chunks=chunks, input_ids=torch.tensor(ids, dtype=torch.long, device=device), attn=attn,
                       sample_rows=[i for i, c in enumerate(chunks) if c.samples])
 
-    def _run(self, batch: _Batch) -> list[TokenOutput]:
+    def _run(self, batch: _Batch) -> list[TokenOutput | str]:
         """The forward and sampling; touches no shared state, so it runs without the lock."""
         hidden = self.model.forward(batch.input_ids, batch.attn, self.kv)
         if not batch.sample_rows:
@@ -192,8 +278,8 @@ class Engine:
         out = []
         for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
             n = seq.request.logprobs
-            if n is None:
-                out.append(TokenOutput(token_id=tok))
+            if isinstance(tok, str) or n is None:  # str: this row's logits were not finite, its request fails
+                out.append(tok if isinstance(tok, str) else TokenOutput(token_id=tok))
                 continue
             lp = torch.log_softmax(logits[row], dim=-1)
             top = torch.topk(lp, n)
@@ -201,7 +287,7 @@ class Engine:
             out.append(TokenOutput(token_id=tok, logprob=float(lp[tok]), top_logprobs=alts))
         return out
 
-    def _postprocess(self, chunks: list[Chunk], sampled: list[TokenOutput]) -> list[RequestOutput]:
+    def _postprocess(self, chunks: list[Chunk], sampled: list[TokenOutput | str]) -> list[RequestOutput]:
         samplers = [c.seq for c in chunks if c.samples]
         for c in chunks:
             if c.seq.request_id not in self._pending_aborts:
@@ -211,6 +297,9 @@ class Engine:
         m = self.metrics
         for seq, tok in zip(samplers, sampled, strict=True):
             if seq.request_id in self._pending_aborts:
+                continue
+            if isinstance(tok, str):
+                self._finish(seq, FINISH_ABORT, tok, status=STATUS_INTERNAL)
                 continue
             if seq.num_generated == 0:
                 self._prompt_tokens += seq.num_prompt
@@ -235,14 +324,16 @@ class Engine:
         for rid, error in pending.items():
             seq = self._seqs.get(rid)
             if seq is not None:
-                self._finish(seq, FINISH_ABORT, error)
+                self._finish(seq, FINISH_ABORT, error, status=STATUS_UNAVAILABLE)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None, emit: bool = True) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, emit: bool = True,
+                status: int | None = None) -> None:
         """Free the sequence's blocks and forget it; with emit, queue its final output for step()."""
         self.scheduler.finish(seq, reason)
         if self.metrics is not None:
             self.metrics.request_finished(seq.metrics, reason)
         seq.error = error
+        seq.error_status = (status or STATUS_UNAVAILABLE) if error else None
         del self._seqs[seq.request_id]
         if emit:
             self._outbox.append(self._output(seq))
@@ -251,7 +342,8 @@ class Engine:
         tokens, seq.new_tokens = tuple(seq.new_tokens), []
         return RequestOutput(request_id=seq.request_id, tokens=tokens, num_prompt_tokens=seq.num_prompt,
                              num_generated_tokens=seq.num_generated, finished=seq.status == FINISHED,
-                             finish_reason=seq.finish_reason, error=seq.error, metrics=dict(seq.metrics))
+                             finish_reason=seq.finish_reason, error=seq.error, error_status=seq.error_status,
+                             metrics=dict(seq.metrics))
 
     def _take_outbox(self) -> list[RequestOutput]:
         out, self._outbox = self._outbox, []
@@ -259,45 +351,54 @@ class Engine:
 
 
 class AsyncEngine:
-    """Runs Engine.step in one background thread and streams each request's outputs to asyncio consumers.
+    """Runs Engine.step in one background thread and streams each request's outputs to asyncio consumers;
+    implements router.engine_client.EngineClient.
 
     The HTTP layer calls it in two stages, so that admission errors surface before any response is sent:
 
-        stream = await engine.generate(request)  # raises QueueFullError (429), ValueError (400),
+        stream = await engine.generate(request)  # raises InvalidRequest (400), QueueFullError (429),
                                                   # EngineDeadError (503) right here
         async for out in stream:                  # RequestOutput per step; the last has finished=True
             ...
     Leaving the loop early, closing the stream or cancelling the task (client disconnect) aborts the request
-    and frees its KV blocks. A failed step fails every unfinished request (finish_reason "abort", error set)
-    and the loop carries on; after max_consecutive_failures failed steps in a row it marks itself dead.
+    and frees its KV blocks. No failure is fatal: a failed forward fails only the request(s) at fault (see
+    Engine), and an unexpected error outside the forward fails the requests then in the engine and the loop
+    goes on. Only shutdown() stops it.
     """
 
-    def __init__(self, engine: Engine, max_consecutive_failures: int = 3):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.max_consecutive_failures = max_consecutive_failures
         self.last_error: str | None = None
         self._cv = threading.Condition()  # guards the fields below; wakes the idle loop
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._accepting = True
         self._stopping = False
         self._drain = True
-        self._dead: str | None = None
         self._thread = threading.Thread(target=self._loop, name="expertmesh-engine", daemon=True)
         self._thread.start()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._dead is None and self._accepting
+        return self._thread.is_alive() and self._accepting
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_request_tokens(self) -> int:
+        return self.engine.max_request_tokens
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Admit the request now (errors raise here), then return the stream of its outputs."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._cv:
-            if self._dead is not None:
-                raise EngineDeadError(self._dead)
-            if not self._accepting:
-                raise EngineDeadError("engine is shutting down")
+            if not self._accepting or not self._thread.is_alive():
+                raise EngineDeadError("the engine is shutting down")
             self.engine.add_request(request)
             self._streams[request.request_id] = (loop, queue)
             self._cv.notify()
@@ -335,8 +436,6 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        failures = 0
-        reason = "engine shut down"
         while True:
             with self._cv:
                 while not self._stopping and not self.engine.has_unfinished():
@@ -345,22 +444,17 @@ class AsyncEngine:
                     break
             try:
                 outputs = self.engine.step()
-                failures = 0
-            except Exception as e:  # e.g. an expert worker died: fail these requests, keep serving
-                failures += 1
+            except Exception as e:  # a bug outside the forward: fail what is in the engine, keep serving
                 self.last_error = f"{type(e).__name__}: {e}"
-                log.exception("engine step failed (%d in a row)", failures)
-                self._deliver(self.engine.abort_all(f"engine step failed: {self.last_error}"))
-                if failures >= self.max_consecutive_failures:
-                    reason = f"engine failed {failures} steps in a row; last: {self.last_error}"
-                    with self._cv:
-                        self._dead = reason
-                    break
-                continue
+                log.exception("engine step failed outside the forward")
+                outputs = self.engine.abort_all(f"engine step failed: {self.last_error}", STATUS_INTERNAL)
+                time.sleep(0.01)
             self._deliver(outputs)
+            if not outputs and not self.engine.last_step_scheduled:
+                time.sleep(0.001)  # nothing could be scheduled this round (e.g. waiting for KV blocks)
         with self._cv:
             self._accepting = False
-        self._deliver(self.engine.abort_all(reason))  # requests admitted while it was stopping
+        self._deliver(self.engine.abort_all("the engine shut down"))  # requests admitted while it stopped
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

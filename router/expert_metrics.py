@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .metrics import DISPATCH_BUCKETS, Histogram, MetricsConfig, histogram_family
+from .histograms import DISPATCH_BUCKETS, Histogram, MetricsConfig, histogram_family
 
 
 class _CountingExperts:

@@ -7,72 +7,33 @@ state. Counters only: rates are PromQL's job. Each RouterMetrics has its own Col
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, make_asgi_app
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .requests import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
-
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .expert_metrics import ExpertMetrics
-
-# vLLM's buckets (v1 loggers.py)
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-               80.0)
-REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                           240.0, 480.0, 960.0, 1920.0, 7680.0)
-TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-# ours: a step and one Dispatch RPC are sub-millisecond to seconds
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0)
+from .expert_metrics import ExpertMetrics
+from .histograms import (  # noqa: F401 - re-exported: the buckets and config are part of this module's API
+    DISPATCH_BUCKETS,
+    ITL_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    STEP_BUCKETS,
+    TOKEN_BUCKETS,
+    TTFT_BUCKETS,
+    Histogram,
+    MetricsConfig,
+    histogram_family,
+)
+from .requests import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, EngineStats
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool = True  # False: no /metrics, nothing recorded
-    expert_metrics: bool = True  # per-(layer, expert) series (layers x experts of each); off for very large models
-    imbalance_window_s: float = 10.0  # expertmesh_layer_load_imbalance looks back this far (at least)
+class MeteredEngine(Protocol):
+    """What the metrics read from an engine: its stats and its model (whose expert backend they wrap)."""
 
+    model: Any
 
-class Histogram:
-    """A histogram for one writer thread, read by the scraper (a torn read is off by one observation)."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Iterable[float]):
-        self.bounds = tuple(float(b) for b in bounds)
-        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is above every bound
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: le is inclusive
-        self.sum += value
-
-    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
-        counts, total = list(self.counts), self.sum
-        acc, buckets = 0, []
-        for bound, n in zip(self.bounds + (math.inf,), counts, strict=True):
-            acc += n
-            buckets.append((floatToGoString(bound), acc))
-        family.add_metric(labels, buckets, total)
-
-
-def histogram_family(name: str, doc: str, labels: list[str] | None = None,
-                     series: Iterable[tuple[list[str], Histogram]] = ()) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=labels or [])
-    for values, h in series:
-        h.add_to(family, values)
-    return family
+    def stats(self) -> EngineStats: ...
 
 
 class RouterMetrics:
@@ -91,9 +52,7 @@ class RouterMetrics:
         self.finished = dict.fromkeys((FINISH_STOP, FINISH_LENGTH, FINISH_ABORT), 0)
         self.experts: ExpertMetrics | None = None
 
-    def attach(self, engine: Engine) -> None:
-        from .expert_metrics import ExpertMetrics
-
+    def attach(self, engine: MeteredEngine) -> None:
         self.registry.register(_EngineCollector(engine, self))
         self.experts = ExpertMetrics(engine.model, self.cfg)
         self.registry.register(self.experts)
@@ -128,7 +87,7 @@ class RouterMetrics:
 
 
 class _EngineCollector:
-    def __init__(self, engine: Engine, m: RouterMetrics):
+    def __init__(self, engine: MeteredEngine, m: RouterMetrics):
         self.engine, self.m = engine, m
 
     def collect(self) -> Iterator[Metric]:

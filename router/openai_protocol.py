@@ -1,7 +1,19 @@
-"""OpenAI-compatible request/response models, with vLLM's extensions top_k, ignore_eos, stop_token_ids."""
+"""OpenAI-compatible request/response models, with vLLM's extensions top_k, ignore_eos, stop_token_ids.
+
+The one parse of an HTTP body into a typed request: JSON (strict: no NaN/Infinity, no lone surrogates, integer
+literals of any length), then pydantic types, OpenAI's protocol rules and the size bounds below. Numeric
+ranges that the engine also needs (temperature, top_p, top_k, max_tokens, seed, logit_bias values) and every
+limit of the model (vocabulary, context, KV cache) are checked once, by the engine (router.errors.InvalidRequest).
+
+Bounds (each -> 400 naming the field): at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_CHARS
+characters, MAX_STOP_TOKEN_IDS stop_token_ids, MAX_LOGIT_BIAS logit_bias entries, MAX_MESSAGES messages of at
+most MAX_CONTENT_PARTS content parts each; logprobs and top_logprobs at most MAX_LOGPROBS. The body itself is
+bounded by the server's --max-request-bytes (413).
+"""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -17,7 +29,16 @@ from pydantic import (
     model_validator,
 )
 
+from model.sampling import SamplingParams
+
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300  # OpenAI's bound
+MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 256
+MAX_INT_DIGITS = 40  # longer integer literals parse as +-10**40: out of every range, without quadratic int()
 Number = StrictInt | StrictFloat
 
 
@@ -51,7 +72,7 @@ class _SamplingRequest(_Base):
     top_k: StrictInt | None = None
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[StrictInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     n: StrictInt | None = 1
     best_of: StrictInt | None = None
     stream: StrictBool | None = False
@@ -60,7 +81,7 @@ class _SamplingRequest(_Base):
     user: StrictStr | None = None
     presence_penalty: Number | None = 0.0
     frequency_penalty: Number | None = 0.0
-    logit_bias: dict[str, Number] | None = None
+    logit_bias: dict[str, Number] | None = Field(None, max_length=MAX_LOGIT_BIAS)
 
     @model_validator(mode="after")
     def _check_common(self) -> _SamplingRequest:
@@ -71,22 +92,19 @@ class _SamplingRequest(_Base):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 raise ProtocolError(f"{name}: only 0 is supported, got {getattr(self, name)}", name)
-        if self.logit_bias:
-            raise ProtocolError("logit_bias: not supported", "logit_bias")
+        for key in self.logit_bias or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ProtocolError(f"logit_bias: keys must be token ids (decimal strings), got {key[:40]!r}",
+                                    "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options: can only be set when stream=true", "stream_options")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise ProtocolError(f"temperature: must be in [0, 2], got {self.temperature}", "temperature")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ProtocolError(f"top_p: must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k is not None and self.top_k < -1:
-            raise ProtocolError(f"top_k: must be -1 (off), 0 (off) or positive, got {self.top_k}", "top_k")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise ProtocolError(f"seed: out of range, got {self.seed}", "seed")
-        if any(t < 0 for t in self.stop_token_ids or ()):
-            raise ProtocolError("stop_token_ids: ids must be non-negative", "stop_token_ids")
-        if any(s == "" for s in self.stop_list):
+        stops = self.stop_list
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ProtocolError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
+        if any(s == "" for s in stops):
             raise ProtocolError("stop: stop strings must be non-empty", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ProtocolError(f"stop: each stop string has at most {MAX_STOP_CHARS} characters", "stop")
         return self
 
     @property
@@ -101,6 +119,18 @@ class _SamplingRequest(_Base):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters (it validates their ranges)."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p), top_k=self.top_k or 0, seed=self.seed,
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=bool(self.ignore_eos),
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
 
 
 class CompletionRequest(_SamplingRequest):
@@ -136,9 +166,16 @@ class ChatMessage(_Base):
     content: StrictStr | list[dict[str, Any]] | None = None
     name: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _check_parts(self) -> ChatMessage:
+        if isinstance(self.content, list) and len(self.content) > MAX_CONTENT_PARTS:
+            raise ProtocolError(f"messages: at most {MAX_CONTENT_PARTS} content parts per message, got "
+                                f"{len(self.content)}", "messages")
+        return self
+
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
@@ -157,6 +194,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -274,6 +315,48 @@ class ModelCard(_Base):
 class ModelList(_Base):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def _parse_int(text: str) -> int:
+    if len(text) <= MAX_INT_DIGITS:
+        return int(text)
+    return -(10**MAX_INT_DIGITS) if text.startswith("-") else 10**MAX_INT_DIGITS
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"Invalid JSON body: {name} is not valid JSON (send numbers only)")
+
+
+def _check_strings(obj: Any) -> None:
+    """Lone UTF-16 surrogates (an escaped \\ud800) are valid JSON but not text: reject them up front."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError("Invalid JSON body: a string holds a lone surrogate (invalid Unicode)") from None
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+
+
+def parse_request(raw: bytes, cls: type[_SamplingRequest]) -> _SamplingRequest:
+    """Body bytes -> typed request; raises ProtocolError (naming the field where one is at fault) or pydantic's
+    ValidationError."""
+    try:
+        obj = json.loads(raw, parse_int=_parse_int, parse_constant=_no_constant)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocolError(f"Invalid JSON body: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("The request body must be a JSON object")
+    _check_strings(obj)
+    return cls.model_validate(obj)
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict[str, Any]:

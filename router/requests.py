@@ -6,15 +6,9 @@ from dataclasses import dataclass, field
 
 from model.sampling import SamplingParams
 
+from .errors import EngineDeadError, InvalidRequest, QueueFullError  # noqa: F401 - re-exported
+
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
-
-
-class QueueFullError(RuntimeError):
-    """The engine's waiting queue is at its bound; the HTTP layer answers 429 with Retry-After."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped (an expert is unreachable and could not be recovered, or it was shut down)."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +18,8 @@ class GenerationRequest:
     sampling: SamplingParams
     logprobs: int | None = None  # None: none; n >= 0: the sampled token's logprob and n top alternatives
     arrival_time: float = 0.0  # time.monotonic() when the HTTP layer received it
+    prompt_param: str = "prompt"  # the field errors about the prompt name ("messages" for chat)
+    max_tokens_param: str = "max_tokens"  # the field errors about max_tokens name
 
 
 @dataclass(frozen=True)
@@ -44,4 +40,21 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None  # set when the engine failed the request (finish_reason "abort")
+    error_status: int | None = None  # with error: the HTTP status it maps to (errors.STATUS_*)
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_scheduled, first_token, finished
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    num_kv_blocks: int
+    num_free_blocks: int
+    num_preemptions: int  # total since start
+    prompt_tokens_total: int  # prompt tokens of requests that got their first token
+    generation_tokens_total: int  # sampled tokens
+    last_step_seconds: float
+    last_step_tokens: int  # new tokens in the last step's batch
+    failed_steps_total: int = 0  # forwards that raised (each retried, then bisected to the request at fault)
+    recovering: bool = False  # the last forward failed and is being retried

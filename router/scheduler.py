@@ -19,8 +19,9 @@ from model.config import MixtralConfig
 from model.mixtral import KVCache
 from model.sampling import SamplingParams
 
-from .kv_blocks import BlockAllocator, BlockTables, blocks_for
-from .requests import GenerationRequest, QueueFullError, TokenOutput
+from .errors import InvalidRequest, QueueFullError
+from .kv_blocks import BlockAllocator, BlockTables
+from .requests import GenerationRequest, TokenOutput
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -34,6 +35,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # new tokens per step at most; prefills are chunked to fit
     max_waiting: int = 256  # add_request raises QueueFullError beyond this many waiting requests
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's max_position_embeddings
+    queue_timeout_s: float | None = None  # a request not scheduled within this many seconds fails with 503
+    step_retry_delays_s: tuple[float, ...] = (0.05,)  # a failed forward is retried after each delay, then
+    #                                                   bisected to the request(s) at fault
 
     def num_blocks(self, cfg: MixtralConfig, dtype: torch.dtype) -> int:
         if self.num_kv_blocks is not None:
@@ -57,6 +61,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
+            raise ValueError(f"queue_timeout_s: must be positive, got {self.queue_timeout_s}")
+        if any(not 0 <= d <= 60 for d in self.step_retry_delays_s):
+            raise ValueError(f"step_retry_delays_s: each delay must be in [0, 60], got {self.step_retry_delays_s}")
 
 
 @dataclass(eq=False)
@@ -72,6 +80,7 @@ class Sequence:
     status: str = WAITING
     finish_reason: str | None = None
     error: str | None = None
+    error_status: int | None = None
     new_tokens: list[TokenOutput] = field(default_factory=list)  # sampled, not yet returned
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -123,16 +132,31 @@ class Scheduler:
     def allocator(self) -> BlockAllocator:
         return self.blocks.allocator
 
-    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
-        """ValueError when a request could never run, even alone."""
-        total = prompt_len + max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"max_tokens: prompt ({prompt_len}) plus max_tokens ({max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
-        need = blocks_for(total, self.config.block_size)
-        if need > self.allocator.num_blocks:
-            raise ValueError(f"max_tokens: prompt plus max_tokens needs {need} KV blocks, the cache has "
-                             f"{self.allocator.num_blocks}")
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + completion) one request can hold: the context and the KV cache bound it."""
+        return min(self.max_model_len, self.allocator.num_blocks * self.config.block_size)
+
+    def check_fits(self, prompt_len: int, max_tokens: int, prompt_param: str = "prompt",
+                   max_tokens_param: str = "max_tokens") -> None:
+        """InvalidRequest (vLLM's wording) when a request could never run, even alone."""
+        limit, what = self.max_model_len, prompt_param
+        if prompt_len >= limit:
+            raise InvalidRequest(prompt_param, f"This model's maximum context length is {limit} tokens. However, "
+                                               f"your {what} has {prompt_len} tokens, leaving no room for a "
+                                               f"completion. Please reduce the length of the {what}.")
+        if prompt_len + max_tokens > limit:
+            raise InvalidRequest(max_tokens_param, f"This model's maximum context length is {limit} tokens. "
+                                                   f"However, you requested {prompt_len + max_tokens} tokens "
+                                                   f"({prompt_len} in the {what}, {max_tokens} in the "
+                                                   f"completion). Please reduce the length of the {what} or "
+                                                   "completion.")
+        cap = self.max_request_tokens
+        if prompt_len + max_tokens > cap:
+            raise InvalidRequest(max_tokens_param if prompt_len < cap else prompt_param,
+                                 f"the KV cache holds at most {cap} tokens for one request, you requested "
+                                 f"{prompt_len + max_tokens} ({prompt_len} in the {what}, {max_tokens} in the "
+                                 "completion)")
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_waiting:

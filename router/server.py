@@ -11,7 +11,7 @@ import uvicorn
 from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
 
-from .api import build_app
+from .api import ApiLimits, build_app
 from .engine import AsyncEngine, Engine
 from .metrics import MetricsConfig, RouterMetrics
 from .scheduler import EngineConfig
@@ -26,14 +26,18 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_bytes=512 * 1024 * 1024))
     drain_timeout_s: float = 60.0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
 
 class HttpThread:
     """uvicorn on its own thread and event loop; `stop` lets in-flight responses finish."""
 
-    def __init__(self, app, host: str, port: int, graceful_s: float = 30.0, log_level: str = "warning"):
+    def __init__(self, app, host: str, port: int, graceful_s: float = 30.0, log_level: str = "warning",
+                 max_connections: int | None = None):
+        # max_connections: uvicorn's own backstop (a plain 503) above the app's OpenAI-shaped request limit
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=graceful_s, lifespan="off"))
+                                                    timeout_graceful_shutdown=graceful_s, lifespan="off",
+                                                    limit_concurrency=max_connections))
         self.thread = threading.Thread(target=self.server.run, name="expertmesh-http", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> int:
@@ -57,10 +61,11 @@ class RouterServer:
         self.engine = Engine(model, cfg.engine, metrics=self.metrics)
         self.async_engine = AsyncEngine(self.engine)
         name = cfg.served_model_name or model_dir.rstrip("/").split("/")[-1]
-        self.app = build_app(self.async_engine, Tokenizer.from_dir(model_dir), name,
-                             cfg.engine.model_len(model.cfg), api_key=cfg.api_key, health_check=health_check,
+        self.app = build_app(self.async_engine, Tokenizer.from_dir(model_dir), name, api_key=cfg.api_key,
+                             health_check=health_check, limits=cfg.limits,
                              metrics_app=metrics_app or (self.metrics and self.metrics.asgi_app()))
-        self.http = HttpThread(self.app, cfg.host, cfg.port)
+        self.http = HttpThread(self.app, cfg.host, cfg.port,
+                               max_connections=2 * cfg.limits.max_concurrent_requests + 64)
         try:
             self.port = self.http.start()
         except BaseException:

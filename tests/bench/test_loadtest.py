@@ -96,7 +96,7 @@ def serve(model, tok, metrics=False, api_key=None, **engine_kw):
                 Histogram("expertmesh_dispatch_duration_seconds", "s", ["worker"], registry=reg,
                           buckets=(0.001, 0.002, 0.005)))
         fake[0].labels(layer="0", expert="1").inc(100)  # before the run: not in its delta
-    app = InFlight(build_app(engine, tok, MODEL, MAX_LEN, api_key=api_key,
+    app = InFlight(build_app(engine, tok, MODEL, api_key=api_key,
                              metrics_app=make_asgi_app(reg) if metrics else None), fake)
     return SimpleNamespace(engine=engine, server=Server(app), inflight=app)
 
@@ -352,6 +352,7 @@ class FlakyEngine:
     """Request k: 0 fails mid-stream (in-band error), 1 is refused (503), 2 hangs, 3 completes 2 tokens."""
 
     is_alive = True
+    max_model_len = max_request_tokens = 512  # MAX_LEN
 
     def __init__(self):
         self.k = 0
@@ -376,7 +377,7 @@ class FlakyEngine:
 
 
 def test_5xx_in_band_errors_and_timeouts_are_failures_with_reason(tok):
-    server = Server(build_app(FlakyEngine(), tok, MODEL, MAX_LEN))
+    server = Server(build_app(FlakyEngine(), tok, MODEL))
     try:
         lt = run_load_test(LoadTestConfig(server.url, 8, 50.0, input_len=4, output_len=2, timeout_s=1.0,
                                           progress=False))

@@ -1,6 +1,8 @@
 """The `expertmesh` CLI: checkpoint and generate, in-process and through workers, and clear errors for bad flags."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +77,18 @@ def test_bad_flags_rejected_by_the_parser(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_flag_types_live_in_a_leaf_module():
+    """cli imports serve_cmd, so serve_cmd must not import cli: the shared flag types are in cluster.cli_args,
+    which imports nothing from cluster (and cluster.cli still exports them)."""
+    code = ("import json, sys, cluster.cli_args, cluster.serve_cmd; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cluster'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["cluster", "cluster.cli_args", "cluster.serve_cmd"]
+    import cluster.cli
+    import cluster.cli_args
+
+    assert (cluster.cli.positive_int, cluster.cli.non_negative_float, cluster.cli.DTYPE_CHOICES) == (
+        cluster.cli_args.positive_int, cluster.cli_args.non_negative_float, cluster.cli_args.DTYPE_CHOICES)

@@ -32,7 +32,8 @@ def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     argv = ["serve", "--model", str(ck), "--workers", "2", "--port", str(port),
-            "--prometheus-file-sd", str(ck.parent / "file_sd.json")]
+            "--prometheus-file-sd", str(ck.parent / "file_sd.json"), "--max-request-bytes", "65536",
+            "--max-concurrent-requests", "48", "--queue-timeout", "120"]
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
@@ -52,6 +53,15 @@ def server(tmp_path_factory):
 def test_prints_url_and_curl_line(server):
     proc, url, _, lines, _ = server
     assert any(url in x for x in lines) and any(x.startswith("try: curl ") for x in lines)
+
+
+def test_request_limits_from_the_flags(server):
+    _, url, _, _, _ = server
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x" * 70_000, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "temperature": 1e-300},
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
 
 
 def test_concurrent_equals_sequential_equals_generate(server):

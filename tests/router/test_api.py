@@ -62,7 +62,7 @@ def tok(model_dir):
 @pytest.fixture(scope="module")
 def srv(model, tok):
     engine = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=NUM_BLOCKS, max_num_seqs=64)))
-    server = Server(build_app(engine, tok, MODEL, MAX_LEN))
+    server = Server(build_app(engine, tok, MODEL))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield SimpleNamespace(engine=engine, url=server.url, client=client, http=httpx.Client(timeout=60))
     server.stop()
@@ -76,7 +76,7 @@ def limited(model, tok):
 
     healthy = [True]
     engine = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=64, max_num_seqs=1, max_waiting=1)))
-    app = build_app(engine, tok, MODEL, MAX_LEN, api_key="secret", health_check=lambda: healthy[0],
+    app = build_app(engine, tok, MODEL, api_key="secret", health_check=lambda: healthy[0],
                     metrics_app=make_asgi_app(CollectorRegistry()))
     server = Server(app)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0, timeout=60)
@@ -237,7 +237,7 @@ USER = [{"role": "user", "content": "hi"}]
 BAD = [  # (path, body, status, param or None, message fragment)
     (CMPL, b"{not json", 400, None, "Invalid JSON"),
     (CMPL, b"[1, 2]", 400, None, "JSON object"),
-    (CMPL, b'{"prompt": "x", "temperature": NaN}', 400, "temperature", "temperature"),
+    (CMPL, b'{"prompt": "x", "temperature": NaN}', 400, None, "NaN is not valid JSON"),
     (CMPL, b"[" * 100000 + b"]" * 100000, 400, None, "Invalid JSON"),
     (CMPL, b"\xff\xfe", 400, None, "Invalid JSON"),
     (CMPL, {}, 400, "prompt", "required"),
@@ -370,6 +370,11 @@ def test_api_key_health_metrics(limited):
     assert httpx.get(limited.url + "/health").status_code == 200
     m = httpx.get(limited.url + "/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    r = httpx.get(limited.url + "/v1/admin/engine")
+    assert r.status_code == 401
+    r = httpx.get(limited.url + "/v1/admin/engine", headers={"Authorization": "Bearer secret"}).json()
+    assert r["model"] == MODEL and r["accepting"] and r["num_kv_blocks"] == 64 and r["max_request_tokens"] == MAX_LEN
+    assert r["failed_steps_total"] == 0 and r["recovering"] is False and r["max_model_len"] == MAX_LEN
     limited.healthy[0] = False
     assert httpx.get(limited.url + "/health").status_code == 503
     limited.healthy[0] = True
@@ -405,6 +410,7 @@ class FailingEngine:
     """One token, then the engine fails the request (error output) or raises."""
 
     is_alive = True
+    max_model_len = max_request_tokens = 512  # MAX_LEN
 
     def __init__(self, mode):
         self.mode, self.aborted = mode, []
@@ -425,7 +431,7 @@ class FailingEngine:
 @pytest.mark.parametrize("mode", ["raise", "error_output"])
 def test_error_after_stream_start_goes_in_band(tok, mode):
     engine = FailingEngine(mode)
-    server = Server(build_app(engine, tok, MODEL, MAX_LEN))
+    server = Server(build_app(engine, tok, MODEL))
     try:
         r = httpx.post(server.url + CHAT, json={"messages": USER, "stream": True})
         assert r.status_code == 200

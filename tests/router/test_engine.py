@@ -14,6 +14,7 @@ from model.generation import generate
 from model.mixtral import KVCache, Mixtral
 from model.sampling import SamplingParams
 from router.engine import AsyncEngine, Engine
+from router.errors import STATUS_INTERNAL, STATUS_UNAVAILABLE, InvalidRequest
 from router.requests import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -208,15 +209,35 @@ def test_waiting_queue_is_bounded(model):
 
 def test_requests_that_cannot_fit_are_rejected(model):
     engine = Engine(model, EngineConfig(num_kv_blocks=4))  # 64 KV slots
-    with pytest.raises(ValueError, match="KV blocks"):
-        engine.add_request(request("a", prompt(50, 0), greedy(20)))
+    assert engine.max_request_tokens == 64 and engine.max_model_len == 512
+    cases = [(engine, request("a", prompt(50, 0), greedy(20)), "max_tokens", "KV cache holds at most 64"),
+             (engine, request("a2", prompt(70, 0), greedy(1)), "prompt", "KV cache holds at most 64")]
     big = Engine(model, EngineConfig(num_kv_blocks=64))
-    with pytest.raises(ValueError, match="max_model_len"):
-        big.add_request(request("b", prompt(500, 0), greedy(20)))
-    with pytest.raises(ValueError, match="prompt"):
-        big.add_request(request("c", [], greedy(1)))
-    with pytest.raises(ValueError, match="max_tokens"):
-        big.add_request(request("d", [5], greedy(0)))
+    cases += [(big, request("b", prompt(500, 0), greedy(20)), "max_tokens", "maximum context length is 512"),
+              (big, request("b2", prompt(512, 0), greedy(1)), "prompt", "leaving no room"),
+              (big, request("c", [], greedy(1)), "prompt", "empty"),
+              (big, request("c2", [5, 300], greedy(1)), "prompt", "token id 300 is out of vocabulary"),
+              (big, request("d", [5], greedy(0)), "max_tokens", "at least 1"),
+              (big, request("t", [5], SamplingParams(temperature=float("nan"))), "temperature", "finite"),
+              (big, request("p", [5], SamplingParams(top_p=0.0)), "top_p", "(0, 1]"),
+              (big, request("k", [5], SamplingParams(top_k=-2)), "top_k", "-1, 0 or positive"),
+              (big, request("s", [5], SamplingParams(seed=2**64)), "seed", "64-bit"),
+              (big, request("st", [5], SamplingParams(stop_token_ids=(7, 300))), "stop_token_ids", "300"),
+              (big, request("lb", [5], SamplingParams(logit_bias=((3, 101.0),))), "logit_bias", "[-100, 100]"),
+              (big, request("lb2", [5], SamplingParams(logit_bias=((999, 1.0),))), "logit_bias", "999")]
+    for eng, r, param, fragment in cases:
+        with pytest.raises(InvalidRequest) as e:
+            eng.add_request(r)
+        assert e.value.param == param and fragment in e.value.message, (r.request_id, e.value)
+    chat = GenerationRequest("m", tuple(prompt(600, 0)), greedy(1), prompt_param="messages",
+                             max_tokens_param="max_completion_tokens")
+    with pytest.raises(InvalidRequest, match="your messages has 600 tokens") as e:
+        big.add_request(chat)
+    assert e.value.param == "messages"
+    with pytest.raises(InvalidRequest) as e:
+        big.add_request(GenerationRequest("m2", (5,), greedy(0), max_tokens_param="max_completion_tokens"))
+    assert e.value.param == "max_completion_tokens"
+    assert_all_free(big) and assert_all_free(engine)
     engine.add_request(request("e", prompt(50, 0), greedy(14)))  # exactly fits
     per_block = KVCache.bytes_per_block(model.cfg, 16, model.dtype)
     assert Engine(model, EngineConfig(kv_cache_bytes=10 * per_block + 1)).stats().num_kv_blocks == 10
@@ -390,43 +411,152 @@ def test_async_consumer_cancellation_frees_blocks(model):
     asyncio.run(main())
 
 
-def test_async_failed_step_aborts_in_flight_then_recovers(model):
+def test_async_failed_step_is_retried_and_loses_nothing(model):
+    """A forward that fails once (a worker blip) is retried: nobody fails, outputs are the reference's, and a
+    seeded sampler draws the same numbers as without the failure."""
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=11, ignore_eos=True)
     reqs = [request(str(i), prompt(10 + i, 1100 + i), greedy(20)) for i in range(3)]
-    after = request("after", prompt(12, 1200), greedy(6))
+    reqs.append(request("seeded", prompt(14, 1150), seeded))
+    alone, _ = run(Engine(model, EngineConfig(num_kv_blocks=64)), {0: [reqs[-1]]})
 
     async def main():
         ae = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=64)))
         try:
+            async def drain(stream):
+                return [o async for o in stream]
+
             with failing_experts(model, failures=1):
-                results = await asyncio.gather(*(collect(ae, r) for r in reqs))
-            for _, last in results:
-                assert last.finished and last.finish_reason == FINISH_ABORT
-                assert "expert worker unreachable" in last.error
+                streams = [await ae.generate(r) for r in reqs]
+                results = await asyncio.gather(*(drain(s) for s in streams))
+            for r, outs in zip(reqs, results, strict=True):
+                toks = [t.token_id for o in outs for t in o.tokens]
+                assert outs[-1].finish_reason == FINISH_LENGTH and outs[-1].error is None
+                want = alone["seeded"] if r.request_id == "seeded" else reference(model, list(r.prompt_ids),
+                                                                                  r.sampling)
+                assert toks == want, r.request_id
+            assert ae.engine.stats().failed_steps_total == 1
             assert all_free(ae.engine) and ae.is_alive
-            toks, last = await collect(ae, after)
-            assert toks == reference(model, list(after.prompt_ids), after.sampling)
-            assert last.finish_reason == FINISH_LENGTH and last.error is None
         finally:
             ae.shutdown(drain=True, timeout=10)
 
     asyncio.run(main())
 
 
-def test_async_engine_dies_after_repeated_failures(model):
+def test_persistent_failure_fails_requests_never_the_engine(model):
+    """Every forward fails: the requests then in flight fail (500), the engine stays up, and serves again
+    correctly once the fault clears."""
     async def main():
-        ae = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=64)), max_consecutive_failures=2)
+        ae = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=64, step_retry_delays_s=(0.0, 0.01))))
         try:
             with failing_experts(model, failures=10**9):
-                for i in range(2):
+                for i in range(4):
                     _, last = await collect(ae, request(str(i), [5, 6, 7], greedy(3)))
-                    assert last.finish_reason == FINISH_ABORT and last.error
-                await wait_until(lambda: not ae.is_alive)
-                with pytest.raises(EngineDeadError):
-                    await ae.generate(request("x", [5], greedy(1)))
+                    assert last.finish_reason == FINISH_ABORT and "expert worker unreachable" in last.error
+                    assert last.error_status == STATUS_INTERNAL
+                assert ae.is_alive and all_free(ae.engine)
+            after = request("after", prompt(12, 1200), greedy(6))
+            toks, last = await collect(ae, after)
+            assert toks == reference(model, list(after.prompt_ids), after.sampling) and last.error is None
         finally:
             ae.shutdown(drain=False, timeout=10)
 
     asyncio.run(main())
+
+
+POISON = 299  # a token whose embedding the tests below make NaN, or whose forward they make raise
+
+
+@contextlib.contextmanager
+def poisoned_forward(model: Mixtral):
+    """The forward raises whenever its batch holds the POISON token (a request that breaks the model)."""
+    inner = model.forward
+
+    def forward(input_ids, batch, kv):
+        if bool((input_ids == POISON).any()):
+            raise RuntimeError("poisoned input")
+        return inner(input_ids, batch, kv)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+@contextlib.contextmanager
+def nan_embedding(model: Mixtral):
+    saved = model.embed[POISON].clone()
+    model.embed[POISON] = float("nan")
+    try:
+        yield
+    finally:
+        model.embed[POISON] = saved
+
+
+@pytest.mark.parametrize("fault", ["raising_forward", "nan_logits"])
+def test_a_bad_request_fails_alone(model, fault):
+    """One request breaks the forward (or yields NaN logits) in a batch of greedy streams: only it fails, with
+    a clear error; the others' tokens equal the reference; the engine goes on."""
+    good = [request(f"g{i}", prompt(8 + 3 * i, 1300 + i), greedy(10)) for i in range(5)]
+    bad = request("bad", [5, 6, POISON, 7], greedy(10))
+    ctx = poisoned_forward(model) if fault == "raising_forward" else nan_embedding(model)
+    engine = Engine(model, EngineConfig(num_kv_blocks=128, step_retry_delays_s=(0.0,)))
+    with ctx:
+        tokens, final = run(engine, {0: good[:3] + [bad], 2: good[3:]})
+    for r in good:
+        assert tokens[r.request_id] == reference(model, list(r.prompt_ids), r.sampling), r.request_id
+        assert final[r.request_id].finish_reason == FINISH_LENGTH and final[r.request_id].error is None
+    out = final["bad"]
+    assert out.finish_reason == FINISH_ABORT and out.error_status == STATUS_INTERNAL
+    assert ("poisoned input" if fault == "raising_forward" else "non-finite logits") in out.error
+    assert tokens.get("bad", []) == []
+    assert_all_free(engine)
+
+
+def test_tiny_temperature_and_top_p_are_safe(model):
+    """temperature 1e-300 used to overflow to inf/NaN probabilities; it is greedy now. top_p 1e-300 keeps the
+    most likely token."""
+    ids = prompt(9, 1400)
+    want = reference(model, ids, greedy(8))
+    reqs = [request("t", ids, SamplingParams(max_tokens=8, temperature=1e-300, ignore_eos=True)),
+            request("p", ids, SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-300, seed=1,
+                                             ignore_eos=True)),
+            request("g", ids, greedy(8))]
+    tokens, final = run(Engine(model, EngineConfig(num_kv_blocks=64)), {0: reqs})
+    assert tokens == {"t": want, "p": want, "g": want}
+    assert all(f.error is None for f in final.values())
+
+
+def test_logit_bias_steers_sampling(model):
+    ids = prompt(9, 1500)
+    biased = SamplingParams(max_tokens=4, logit_bias=((42, 100.0),), ignore_eos=True)
+    tokens, _ = run(Engine(model, EngineConfig(num_kv_blocks=64)), {0: [request("b", ids, biased)]})
+    assert tokens["b"] == [42] * 4
+    banned = reference(model, ids, greedy(1))[0]
+    params = SamplingParams(max_tokens=1, logit_bias=((banned, -100.0),), ignore_eos=True)
+    tokens, _ = run(Engine(model, EngineConfig(num_kv_blocks=64)), {0: [request("n", ids, params)]})
+    assert tokens["n"] != [banned]
+
+
+def test_queue_timeout_fails_only_the_waiting_request(model):
+    engine = Engine(model, EngineConfig(num_kv_blocks=64, max_num_seqs=1, queue_timeout_s=0.2))
+    first = request("first", prompt(6, 1600), greedy(40))
+    engine.add_request(first)
+    engine.step()
+    engine.add_request(request("late", prompt(6, 1601), greedy(4)))
+    tokens: dict = {}
+    final: dict = {}
+    deadline = time.monotonic() + 30
+    while engine.has_unfinished():
+        assert time.monotonic() < deadline
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(t.token_id for t in out.tokens)
+            if out.finished:
+                final[out.request_id] = out
+        time.sleep(0.01)
+    assert final["late"].error_status == STATUS_UNAVAILABLE and "queue timeout" in final["late"].error
+    assert final["first"].finish_reason == FINISH_LENGTH and len(tokens["first"]) == 39  # + 1 from step one
+    assert_all_free(engine)
 
 
 def test_async_shutdown_drains_in_flight(model):
