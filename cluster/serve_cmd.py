@@ -288,7 +288,11 @@ def serve(args, life: ServeLifecycle | None = None) -> int:
         return _serve(args, life)
     except KeyboardInterrupt:  # StartupAborted (ray.get passes it on as a plain KeyboardInterrupt)
         _say("expertmesh serve: startup aborted")
-        return 130
+        # Not ray.shutdown(): after a signal that interrupted ray.init it can abort the process (SIGABRT, seen
+        # in CI-like runs). Killing our session stops the embedded Ray; a cluster's GCS drops our actors.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        force_exit(130)
     finally:
         if "cluster.ray_runtime" in sys.modules:  # else Ray was never imported, let alone started
             from .ray_runtime import stop_ray

@@ -104,6 +104,10 @@ class _EngineCollector:
                                   "token.", value=s.prompt_tokens_total)
         yield CounterMetricFamily("expertmesh_generation_tokens_total", "Generated (sampled) tokens.",
                                   value=s.generation_tokens_total)
+        yield CounterMetricFamily("expertmesh_failed_forwards_total", "Forwards that raised (each is retried, then "
+                                  "bisected so that only the request at fault fails).", value=s.failed_steps_total)
+        yield GaugeMetricFamily("expertmesh_engine_recovering", "1 while a failed forward is being retried.",
+                                value=float(s.recovering))
         success = CounterMetricFamily("expertmesh_request_success_total", "Finished requests by finish reason.",
                                       labels=["finished_reason"])
         for reason, n in list(m.finished.items()):

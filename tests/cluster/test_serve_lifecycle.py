@@ -236,9 +236,14 @@ def test_signal_during_startup_stops_promptly(serve, when, how):
     else:
         os.kill(s.child, signal.SIGTERM)
         s.wait_for("abort", lambda: s.in_log("stopping the startup"), 10)
-        os.kill(s.child, signal.SIGTERM)
+        try:
+            os.kill(s.child, signal.SIGTERM)
+        except ProcessLookupError:  # the cleanup (a session kill) was quicker than the second signal
+            pass
         rc = s.exit_code(10)
-        assert rc == 128 + signal.SIGTERM and s.in_log("SIGTERM again, exiting now"), s.log()
+        # either the second signal forced the exit, or the abort's cleanup had already finished
+        assert (rc == 128 + signal.SIGTERM and s.in_log("SIGTERM again, exiting now")) or \
+            (rc == 130 and s.in_log("startup aborted")), s.log()
     exited = time.monotonic() - t0
     if when != "ray starting":
         assert s.procs("raylet", live=False), s.cmdlines

@@ -9,12 +9,14 @@ import time
 import pytest
 import torch
 import transformers
+from prometheus_client import generate_latest
 
 from model.generation import generate
 from model.mixtral import KVCache, Mixtral
 from model.sampling import SamplingParams
 from router.engine import AsyncEngine, Engine
 from router.errors import STATUS_INTERNAL, STATUS_UNAVAILABLE, InvalidRequest
+from router.metrics import RouterMetrics
 from router.requests import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -419,8 +421,10 @@ def test_async_failed_step_is_retried_and_loses_nothing(model):
     reqs.append(request("seeded", prompt(14, 1150), seeded))
     alone, _ = run(Engine(model, EngineConfig(num_kv_blocks=64)), {0: [reqs[-1]]})
 
+    metrics = RouterMetrics()
+
     async def main():
-        ae = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=64)))
+        ae = AsyncEngine(Engine(model, EngineConfig(num_kv_blocks=64), metrics=metrics))
         try:
             async def drain(stream):
                 return [o async for o in stream]
@@ -435,9 +439,11 @@ def test_async_failed_step_is_retried_and_loses_nothing(model):
                                                                                   r.sampling)
                 assert toks == want, r.request_id
             assert ae.engine.stats().failed_steps_total == 1
+            assert "expertmesh_failed_forwards_total 1.0" in generate_latest(metrics.registry).decode()
             assert all_free(ae.engine) and ae.is_alive
         finally:
             ae.shutdown(drain=True, timeout=10)
+            metrics.detach()
 
     asyncio.run(main())
 

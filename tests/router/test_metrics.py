@@ -88,6 +88,7 @@ def test_token_counters_equal_what_was_streamed(served):
     assert total(s, "expertmesh_generation_tokens_total") == sum(r["streamed"] for r in res)
     assert total(s, "expertmesh_prompt_tokens_total") == sum(r["prompt_tokens"] for r in res)
     assert total(s, "expertmesh_num_preemptions_total") == 0
+    assert total(s, "expertmesh_failed_forwards_total") == 0 and total(s, "expertmesh_engine_recovering") == 0
 
 
 def test_expert_tokens_are_tokens_through_the_model_times_top_k(served):
