@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -10,9 +9,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
 
 from .cli_args import DTYPE_CHOICES, positive_float, positive_int
+from .serve_lifecycle import EXIT_GRACE_S, PARENT_PID_ENV, ServeLifecycle, exit_after, force_exit, kill_session, say
 
 DEFAULT_PRESET = "tiny"
 FILE_SD_REFRESH_S = 10.0
@@ -67,17 +66,6 @@ def cached_checkpoint(preset: str = DEFAULT_PRESET, dtype: str = "float32") -> P
 
 
 CHILD_ENV = "EXPERTMESH_SERVE_CHILD"
-PARENT_PID_ENV = "EXPERTMESH_SERVE_PARENT_PID"
-PARENT_GONE_GRACE_S = 20.0  # once the parent is gone, the normal drain and stop get this long, then a hard exit
-FORCE_EXIT_RAY_S = 3.0  # the hard exit after PARENT_GONE_GRACE_S first tries ray.shutdown() for this long
-EXIT_GRACE_S = 10.0  # the child's interpreter exit (atexit hooks, leftover threads), once serve() returned
-WATCHDOG_INTERVAL_S = 0.5
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# The signal the kernel sends the child when its parent dies. Not SIGTERM: it comes once per exiting thread of
-# the parent (each reparents the child to the next), and a second SIGTERM means "exit now".
-PARENT_DEATH_SIGNAL = signal.SIGHUP
-
-
 def run(args) -> int:
     """Run the server in a child process in its own session, so a terminal's Ctrl-C reaches only us (not
     Ray's raylet and GCS, which would die mid-drain). The first SIGINT/SIGTERM is forwarded to the child as
@@ -90,7 +78,7 @@ def run(args) -> int:
             rc = serve(args, ServeLifecycle(int(parent) if parent else os.getppid()))
             return rc
         finally:  # then exiting the interpreter is bounded too
-            threading.Thread(target=_exit_after, args=(EXIT_GRACE_S, rc), name="exit-watchdog", daemon=True).start()
+            threading.Thread(target=exit_after, args=(EXIT_GRACE_S, rc), name="exit-watchdog", daemon=True).start()
     child: subprocess.Popen | None = None
     signals = forwarded = 0
 
@@ -99,11 +87,11 @@ def run(args) -> int:
         while child is not None and forwarded < signals:
             forwarded += 1
             if forwarded == 1:
-                _say("draining... press Ctrl-C again to force exit")
+                say("draining... press Ctrl-C again to force exit")
                 child.send_signal(signal.SIGTERM)
             else:
-                _say("forcing exit")
-                _kill_session(child.pid)
+                say("forcing exit")
+                kill_session(child.pid)
 
     def on_signal(_signum, _frame) -> None:
         nonlocal signals
@@ -120,163 +108,9 @@ def run(args) -> int:
     forward()  # a signal that came before the child existed
     rc = child.wait()
     if signals >= 2:
-        _kill_session(child.pid)  # whatever of it outlived the child
+        kill_session(child.pid)  # whatever of it outlived the child
         return 130
     return rc if rc >= 0 else 128 - rc
-
-
-def _say(line: str) -> None:
-    """A line on stderr that takes no lock and never raises: for signal handlers, and for a child whose
-    terminal or pipe is gone."""
-    try:
-        os.write(2, (line + "\n").encode())
-    except OSError:
-        pass
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of session `sid` but us. The serve child leads its own session, and every process
-    of its embedded Ray stays in it: GCS, raylet, its agents (which outlive a SIGKILLed raylet) and the workers
-    (which have their own process group). Without /proc, the session leader's process group only."""
-    me = os.getpid()
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        pids = []
-    if not pids:
-        if sid != me:
-            try:
-                os.killpg(sid, signal.SIGKILL)
-            except OSError:
-                pass
-        return
-    for pid in pids:
-        try:
-            if pid != me and os.getsid(pid) == sid:
-                os.kill(pid, signal.SIGKILL)
-        except OSError:  # gone meanwhile, or not ours to ask about
-            pass
-
-
-def _set_parent_death_signal(sig: int) -> None:
-    """Linux: the kernel sends us `sig` when our parent dies. Elsewhere the watchdog thread alone notices."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            _say(f"expertmesh serve: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
-    except (OSError, AttributeError) as e:
-        _say(f"expertmesh serve: prctl(PR_SET_PDEATHSIG) unavailable: {e}")
-
-
-def _shutdown_ray_quietly() -> None:
-    try:
-        import ray
-
-        ray.shutdown()
-    except BaseException:  # noqa: BLE001 - best effort on the way out
-        pass
-
-
-def force_exit(code: int, ray_shutdown_s: float = 0.0) -> NoReturn:
-    """Exit now: ray.shutdown() for at most ray_shutdown_s (not from a signal handler: starting a thread there
-    could deadlock), then SIGKILL what is left of our session (the embedded Ray) if we lead it, then os._exit.
-    (Joined to a cluster with --address, the GCS sees this driver gone and removes its actors.)"""
-    if ray_shutdown_s > 0:
-        t = threading.Thread(target=_shutdown_ray_quietly, name="force-exit-ray-shutdown", daemon=True)
-        t.start()
-        t.join(ray_shutdown_s)
-    try:
-        if os.getsid(0) == os.getpid():
-            _kill_session(os.getpid())
-    except OSError:
-        pass
-    os._exit(code)
-
-
-def _exit_after(seconds: float, code: int) -> None:
-    time.sleep(seconds)
-    _say(f"expertmesh serve: still exiting after {seconds:.0f} s, exiting now")
-    force_exit(code)
-
-
-class StartupAborted(KeyboardInterrupt):
-    """A stop came in while starting up (a KeyboardInterrupt, so that ray.get passes it on)."""
-
-
-class ServeLifecycle:
-    """When the serve child stops. SIGINT/SIGTERM: the first drains, or aborts a startup at once (StartupAborted
-    in the main thread; the startup also checks between its phases); a second one exits now. The parent's death
-    (PARENT_DEATH_SIGNAL via PR_SET_PDEATHSIG, and a getppid() watchdog): a normal stop, and a hard exit if that
-    takes over PARENT_GONE_GRACE_S.
-
-    Signal handlers only set plain flags (`stopping`): an Event.set() there can deadlock on the Event's lock."""
-
-    def __init__(self, parent_pid: int | None = None):
-        self.parent_pid = parent_pid
-        self.stopping = False
-        self.parent_gone = False
-        self.signals = 0
-        self.starting = True
-
-    def start(self) -> None:
-        self.install_handlers()
-        if self.parent_pid is not None:
-            signal.signal(PARENT_DEATH_SIGNAL, self._on_parent_death)
-            _set_parent_death_signal(PARENT_DEATH_SIGNAL)
-            threading.Thread(target=self._watch_parent, name="parent-watchdog", daemon=True).start()
-
-    def install_handlers(self) -> None:
-        """(Again after ray.init, which installs its own SIGTERM handler.)"""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame) -> None:
-        self.signals += 1
-        if self.signals > 1:
-            _say(f"expertmesh serve: {signal.Signals(signum).name} again, exiting now")
-            force_exit(128 + signum)
-        self.stopping = True
-        self.check()
-
-    def _on_parent_death(self, _signum: int, _frame) -> None:
-        self.parent_gone = self.stopping = True  # the watchdog says so and bounds the stop
-        self.check()
-
-    def signalled_in_ray_init(self) -> None:
-        """Ray's SIGTERM handler (in place during ray.init) took a signal and raised SystemExit: abort."""
-        self.signals += 1
-        self.stopping = True
-        self.check()
-
-    def check(self) -> None:
-        """Abort the startup (raise StartupAborted) if a stop came in; between startup phases, and on a signal."""
-        if self.stopping and self.starting:
-            self.starting = False
-            _say("expertmesh serve: stopping the startup, cleaning up... (signal again to exit now)")
-            raise StartupAborted
-
-    def serving(self) -> None:
-        """Started: from now on a first signal drains (the main loop watches `stopping`)."""
-        self.check()
-        self.starting = False
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep until `stopping` or for `seconds`; returns `stopping`."""
-        deadline = time.monotonic() + seconds
-        while not self.stopping and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 0.1))
-        return self.stopping
-
-    def _watch_parent(self) -> None:
-        while not self.parent_gone and os.getppid() == self.parent_pid:
-            time.sleep(WATCHDOG_INTERVAL_S)
-        self.parent_gone = self.stopping = True
-        _say(f"expertmesh serve: parent process {self.parent_pid} is gone, shutting down")
-        time.sleep(PARENT_GONE_GRACE_S)
-        _say(f"expertmesh serve: not stopped {PARENT_GONE_GRACE_S:.0f} s after the parent died, exiting now")
-        force_exit(1, ray_shutdown_s=FORCE_EXIT_RAY_S)
 
 
 def serve(args, life: ServeLifecycle | None = None) -> int:
@@ -287,7 +121,7 @@ def serve(args, life: ServeLifecycle | None = None) -> int:
     try:
         return _serve(args, life)
     except KeyboardInterrupt:  # StartupAborted (ray.get passes it on as a plain KeyboardInterrupt)
-        _say("expertmesh serve: startup aborted")
+        say("expertmesh serve: startup aborted")
         # Not ray.shutdown(): after a signal that interrupted ray.init it can abort the process (SIGABRT, seen
         # in CI-like runs). Killing our session stops the embedded Ray; a cluster's GCS drops our actors.
         for stream in (sys.stdout, sys.stderr):
@@ -357,8 +191,8 @@ def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle) -> int:
                 try:
                     cluster.refresh_file_sd()
                 except Exception as e:  # noqa: BLE001 - keep serving; retry next round
-                    _say(f"file_sd refresh failed: {e}")
-        _say("draining in-flight requests and shutting down...")
+                    say(f"file_sd refresh failed: {e}")
+        say("draining in-flight requests and shutting down...")
         ray.get(cluster.router.stop_server.remote())
-    _say("stopped")
+    say("stopped")
     return 0
