@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("decode", "distributed", "serving", "soak")
-DEFAULT_SECTIONS = "decode,distributed,serving"  # soak runs only when asked for
+SECTIONS = ("decode", "distributed", "serving", "soak", "burst")
+DEFAULT_SECTIONS = "decode,distributed,serving"  # soak and burst run only when asked for
 SOAK_FLAGS = ("minutes", "soak_workers", "soak_window_s", "soak_warmup_s", "soak_concurrency")
 
 
@@ -112,8 +112,14 @@ def run(args) -> int:
         parse_dtype(d)
     batches = int_list(args.batch_sizes, "--batch-sizes")
     workers = int_list(args.workers, "--workers")
-    others = [s for s in sections if s != "soak"]
-    model_dir = str(Path(args.model) if args.model else bench_model_dir()) if others else soak_cfg.model_dir
+    others = [s for s in sections if s not in ("soak", "burst")]
+    tiny = None  # soak and burst default to the tiny model
+    if "burst" in sections:
+        from cluster.serve_cmd import cached_checkpoint
+
+        tiny = str(Path(args.model) if args.model else cached_checkpoint("tiny"))
+    model_dir = str(Path(args.model) if args.model else bench_model_dir()) if others else \
+        (soak_cfg.model_dir if soak_cfg is not None else tiny)
     repeats = {} if args.repeats is None else {"repeats": args.repeats}
     log = lambda row: print(row, file=sys.stderr, flush=True)  # noqa: E731
     report: dict[str, Any] = {}
@@ -137,6 +143,11 @@ def run(args) -> int:
         title = f"soak: {Path(soak_cfg.model_dir).name}, {soak_cfg.workers} workers, per {soak_cfg.window_s:g} s window"
         print(format_table(report["soak"]["windows"], title))
         print(format_summary(report["soak"]["summary"]), flush=True)
+    if "burst" in sections:
+        from .burst import BurstBench, run_burst_bench
+
+        report["burst"] = run_burst_bench(BurstBench(tiny), log)
+        print(format_table(report["burst"], "burst: 20x the waiting-queue bound at once, 3 rounds; router RSS"))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_dir, **report}, indent=2))
     return 0

@@ -385,3 +385,19 @@ def test_tokenization_runs_off_the_event_loop(model, tok):
         t.join(30)
     finally:
         stop(s)
+
+
+def test_default_max_tokens_is_capped_by_the_kv_cache(model, tok):
+    """Without max_tokens a request gets what the context *and* the KV cache leave room for (8 blocks of 16
+    here: 128 tokens, far below the 512-token context), instead of a refusal."""
+    s = start(model, tok, EngineConfig(num_kv_blocks=8))
+    try:
+        ids = tok.encode(P)
+        r = s.http.post(s.url + CMPL, json={"prompt": ids, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 128 - len(ids)
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        err = assert_error_shape(s.http.post(s.url + CMPL, json={"prompt": ids, "max_tokens": 200}), 400)
+        assert err["param"] == "max_tokens" and "KV cache holds at most 128 tokens" in err["message"]
+    finally:
+        stop(s)
