@@ -14,6 +14,7 @@ from model.matmul import (
     linear,
     onednn_fp32_available,
     prepare_weight,
+    row_bucket,
 )
 
 ROWS = (1, 2, 5, 6, 7, 15, 16, 33, 300)
@@ -105,3 +106,18 @@ def test_grouped_rows_equal_rows_run_alone():
     y = run_grouped(x, experts, counts)
     assert torch.equal(y[5:18], run_grouped(x[5:18], [experts[2]], [13]))
     assert torch.equal(y[18:], run_grouped(x[18:], [experts[3]], [2]))
+
+
+def test_row_buckets_bound_the_shapes_onednn_sees():
+    """oneDNN caches a primitive per product shape: serving's many row counts map to a few dozen buckets."""
+    buckets = {row_bucket(n) for n in range(1, 513)}
+    assert len(buckets) == 35 and all(row_bucket(n) >= n for n in range(1, 2000))
+    assert row_bucket(16) == 16 and row_bucket(17) == 32 and row_bucket(129) == 160 and row_bucket(513) == 640
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 80, generator=g)
+    p = prepare_weight(w)
+    x = torch.randn(37, 80, generator=g)  # padded to 48 rows
+    y = linear(x, p)
+    assert y.shape == (37, 96) and y.is_contiguous() and rel_err(y, F.linear(x, w)) < 1e-5
+    padded = torch.cat([x, torch.zeros(11, 80)])
+    assert torch.equal(linear(padded, p)[:37], y)  # the same product as the bucket's
