@@ -368,7 +368,7 @@ def test_tokenization_runs_off_the_event_loop(model, tok):
             self.inner = inner
 
         def encode(self, text, add_bos=True):
-            time.sleep(1.5)
+            time.sleep(4.0)
             return self.inner.encode(text, add_bos)
 
         def __getattr__(self, name):
@@ -381,7 +381,8 @@ def test_tokenization_runs_off_the_event_loop(model, tok):
         time.sleep(0.3)
         t0 = time.monotonic()
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200
-        assert time.monotonic() - t0 < 0.8  # answered while the prompt was still being tokenized
+        assert time.monotonic() - t0 < 3.0  # answered while the prompt was still being tokenized
+        assert t.is_alive()
         t.join(30)
     finally:
         stop(s)
