@@ -18,7 +18,7 @@ def test_a_burst_is_shed_and_everything_admitted_completes(ck, ray_session):
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["sent"] == 40 and r["served_200"] + r["shed_429"] == 40 and r["other"] == 0, r
-        assert r["served_200"] >= 4 and r["shed_429"] >= 20 and r["bad_bodies"] == 0, r
+        assert r["served_200"] >= 2 and r["shed_429"] >= 20 and r["bad_bodies"] == 0, r  # >= max_waiting
         assert r["kv_blocks_used_after"] == 0 and r["running_after"] == r["waiting_after"] == 0, r
         assert r["rss_after_mb"] > 0 and r["shed_p99_ms"] is not None
 

@@ -316,7 +316,7 @@ def test_burst_far_past_the_queue_bound(model, tok):
             t.join(180)
         assert all(isinstance(r, httpx.Response) for r in results), [r for r in results if isinstance(r, Exception)]
         codes = [r.status_code for r in results]
-        assert set(codes) <= {200, 429} and codes.count(200) >= 6 and codes.count(429) >= 40, codes
+        assert set(codes) <= {200, 429} and codes.count(200) >= 4 and codes.count(429) >= 40, codes  # >= max_waiting
         for r in results:
             if r.status_code == 429:
                 assert r.headers["retry-after"] == "1" and assert_error_shape(r, 429)["type"] == "RateLimitError"
