@@ -2,7 +2,7 @@
 """Set up everything and run expertmesh, its tests or its benchmarks, on a machine with only python3.
 
     python3 dev.py serve [serve flags]   # venv + install, then `expertmesh serve` (embedded Ray, tiny model)
-    python3 dev.py test [pytest args]    # venv + install (+ Prometheus for the metrics test), then pytest
+    python3 dev.py test [pytest args]    # venv + install (+ Prometheus for the metrics test), ruff, pytest
     python3 dev.py run CMD [args]        # any `expertmesh` subcommand (bench, loadtest, generate, ...)
 """
 
@@ -62,6 +62,10 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if argv[0] == "test":
         ensure_prometheus()
+        lint = subprocess.run([str(VENV / "bin" / "ruff"), "check", "."], cwd=ROOT, env=env)
+        if lint.returncode != 0:  # lint is part of the test: a lint failure fails the run before pytest
+            print("ruff check . failed; fix the findings above (tests not run)", file=sys.stderr)
+            return lint.returncode
         cmd = [str(PY), "-m", "pytest", *argv[1:]]
     elif argv[0] == "serve":
         cmd = [str(VENV / "bin" / "expertmesh"), "serve", *argv[1:]]

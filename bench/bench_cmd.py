@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("decode", "distributed", "serving", "soak", "burst")
-DEFAULT_SECTIONS = "decode,distributed,serving"  # soak and burst run only when asked for
+SECTIONS = ("decode", "distributed", "serving", "soak", "burst", "rebalance", "failover")
+DEFAULT_SECTIONS = "decode,distributed,serving"  # soak, burst, rebalance and failover run only when asked for
 SOAK_FLAGS = ("minutes", "soak_workers", "soak_window_s", "soak_warmup_s", "soak_concurrency")
 
 
@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=positive_int,
                    help="decode and distributed sections: best of N interleaved runs (default 2 and 3)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers baselines")
+    p.add_argument("--hf-experts", default="eager,grouped_mm,batched_mm",
+                   help="decode section: HF experts implementations to time; the fastest is the baseline "
+                        "(batched_mm only where its weight gather fits in 2 GiB)")
     p.add_argument("--json", help="also write all rows to this JSON file")
     soak = p.add_argument_group("soak section", "steady mixed load on a cluster, RSS and latency sampled per window "
                                                 "(model: the tiny preset unless --model)")
@@ -51,6 +54,16 @@ def int_list(text: str, flag: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise ValueError(f"{flag}: values must be positive, got {text!r}")
     return values
+
+
+def hf_experts_list(text: str) -> tuple[str, ...]:
+    from .offline import HF_EXPERTS
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in HF_EXPERTS]
+    if bad or not names:
+        raise ValueError(f"--hf-experts: {bad or text!r} not in {HF_EXPERTS}")
+    return names
 
 
 def number(text: str, flag: str, minimum: float = 0.0, strict: bool = True) -> float:
@@ -96,7 +109,14 @@ def bench_model_dir() -> Path:
 def run(args) -> int:
     from model.loader import parse_dtype
 
-    from .offline import DecodeBench, DistributedBench, format_table, run_decode_bench, run_distributed_bench
+    from .offline import (
+        DecodeBench,
+        DistributedBench,
+        format_kernels,
+        format_table,
+        run_decode_bench,
+        run_distributed_bench,
+    )
     from .serving import ServingBench, run_serving_bench
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -111,10 +131,11 @@ def run(args) -> int:
     for d in dtypes:
         parse_dtype(d)
     batches = int_list(args.batch_sizes, "--batch-sizes")
+    hf_experts = hf_experts_list(args.hf_experts)
     workers = int_list(args.workers, "--workers")
-    others = [s for s in sections if s not in ("soak", "burst")]
+    others = [s for s in sections if s not in ("soak", "burst", "rebalance", "failover")]
     tiny = None  # soak and burst default to the tiny model
-    if "burst" in sections:
+    if "burst" in sections or "failover" in sections:
         from cluster.serve_cmd import cached_checkpoint
 
         tiny = str(Path(args.model) if args.model else cached_checkpoint("tiny"))
@@ -124,9 +145,13 @@ def run(args) -> int:
     log = lambda row: print(row, file=sys.stderr, flush=True)  # noqa: E731
     report: dict[str, Any] = {}
     if "decode" in sections:
-        report["decode"] = run_decode_bench(DecodeBench(model_dir, dtypes, batches, args.prompt_len, args.gen_len,
-                                                        hf=not args.no_hf, **repeats), log)
-        print(format_table(report["decode"], "in-process decode tokens/s (prefill included) vs HF transformers"))
+        decode = run_decode_bench(DecodeBench(model_dir, dtypes, batches, args.prompt_len, args.gen_len,
+                                              hf=not args.no_hf, hf_experts=hf_experts, **repeats), log)
+        report["decode"] = decode.pop("rows")
+        report["decode_kernels"] = decode  # CPU, threads and the kernel plan per weight
+        print(format_kernels(decode))
+        print(format_table(report["decode"], "in-process decode tokens/s (prefill included) vs HF transformers "
+                                             "(its fastest experts implementation)"))
     if "distributed" in sections:
         report["distributed"] = run_distributed_bench(
             DistributedBench(model_dir, workers, batches, "bfloat16", args.prompt_len, args.gen_len,
@@ -148,6 +173,18 @@ def run(args) -> int:
 
         report["burst"] = run_burst_bench(BurstBench(tiny), log)
         print(format_table(report["burst"], "burst: 20x the waiting-queue bound at once, 3 rounds; router RSS"))
+    if "rebalance" in sections:  # its own skewed tiny checkpoint
+        from .rebalance import RebalanceBench, run_rebalance_bench, skewed_checkpoint
+
+        report["rebalance"] = run_rebalance_bench(RebalanceBench(str(skewed_checkpoint())), log)
+        print(format_table(report["rebalance"], "rebalance: tiny --router-skew 1.2, 4 workers, static vs "
+                                                "--redundant-experts 4 vs that plus --autoscale (max 6)"))
+    if "failover" in sections:
+        from .failover import FailoverBench, run_failover_bench
+
+        report["failover"] = run_failover_bench(FailoverBench(tiny), log)
+        print(format_table(report["failover"], "failover: tiny, 2 workers, 2 min per load row at 4 req/s, a random "
+                                               "worker killed every 20 s through Ray"))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_dir, **report}, indent=2))
     return 0

@@ -1,8 +1,11 @@
 """Streaming load test of an OpenAI-compatible server, reporting like `vllm bench serve` (same JSON keys).
 
-Each request streams (stream_options.include_usage); TTFT is the first content chunk, ITL the gaps between
-content chunks, TPOT (e2e - ttft) / (output_tokens - 1), output tokens the server's usage (else the count
-of content chunks). Failures are counted by reason and never stop the run; Ctrl-C keeps what was measured.
+Each request streams (stream_options.include_usage); TTFT is the first chunk with a choice (a chat stream's
+bare role announcement aside: a server may send it before any token), ITL the gaps between such chunks, TPOT
+(e2e - ttft) / (output_tokens - 1), output tokens the server's usage (else the count of those chunks). A
+request completed when its stream ended with [DONE] after a finish_reason, as vLLM's client counts it, text or
+not. Random token-id prompts use the served model's vocabulary (bench.datasets.Vocab). Failures are counted by
+reason and never stop the run; Ctrl-C keeps what was measured.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import httpx
 import numpy as np
 
 from . import expert_view as ev
-from .datasets import SampleRequest, load_dataset, random_requests
+from .datasets import SampleRequest, Vocab, load_dataset, random_requests, server_vocab, tokenizer_vocab
 
 ENDPOINTS = {"/v1/completions": "openai", "/v1/chat/completions": "openai-chat"}  # -> vLLM backend name
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
@@ -43,6 +46,7 @@ class LoadTestConfig:
     output_len: int = 128
     range_ratio: float = 0.0
     dataset: str | None = None  # JSONL; replaces the random prompts
+    tokenizer: str | None = None  # checkpoint dir whose vocabulary random prompts use; None: ask the server
     goodput: tuple[tuple[str, float], ...] = ()  # (metric, SLO ms), metric in GOODPUT_METRICS
     seed: int = 0
     api_key: str | None = None
@@ -125,11 +129,20 @@ def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
     return out
 
 
-def build_requests(cfg: LoadTestConfig) -> list[SampleRequest]:
+def build_requests(cfg: LoadTestConfig, vocab: Vocab | None = None) -> list[SampleRequest]:
     chat = cfg.endpoint == "/v1/chat/completions"
     if cfg.dataset:
         return load_dataset(cfg.dataset, cfg.num_prompts, chat, cfg.output_len)
-    return random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.range_ratio, cfg.seed, chat)
+    return random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.range_ratio, cfg.seed, chat, vocab)
+
+
+def prompt_vocab(cfg: LoadTestConfig, model: str) -> Vocab | None:
+    """The vocabulary random token-id prompts draw from (None when the prompts are text)."""
+    if cfg.dataset or cfg.endpoint == "/v1/chat/completions":
+        return None
+    if cfg.tokenizer:
+        return tokenizer_vocab(cfg.tokenizer)
+    return server_vocab(cfg.base_url, model, _headers(cfg), min(cfg.timeout_s, 30.0))
 
 
 def _headers(cfg: LoadTestConfig) -> dict[str, str]:
@@ -180,15 +193,17 @@ def _refused(e: BaseException | None) -> bool:
     return False
 
 
-def _chunk_text(obj: dict[str, Any]) -> str:
+def _token_chunk(obj: dict[str, Any]) -> tuple[bool, bool]:
+    """(a generation step: a choice other than a chat stream's bare role announcement, its finish_reason set)."""
     choices = obj.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
-        return ""
+        return False, False
     c = choices[0]
+    finished = c.get("finish_reason") is not None
     delta = c.get("delta")
-    if isinstance(delta, dict):
-        return delta.get("content") or delta.get("reasoning_content") or ""
-    return c.get("text") or ""
+    if isinstance(delta, dict) and "role" in delta and not finished and c.get("logprobs") is None:
+        return bool(delta.get("content") or delta.get("reasoning_content")), False
+    return True, finished
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str],
@@ -202,7 +217,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], hea
             text = (await r.aread()).decode("utf-8", "replace")
             res.reason, res.error = f"HTTP {r.status_code}", f"HTTP {r.status_code}: {text[:300]}"
             return
-        last, done, chunks = st, False, 0
+        last, done, chunks, finished = st, False, 0, False
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, SSE comments, event names
@@ -224,7 +239,9 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], hea
                 return
             if not isinstance(obj, dict):
                 continue
-            if _chunk_text(obj):
+            step, ends = _token_chunk(obj)
+            finished |= ends
+            if step:
                 if chunks == 0:
                     res.ttft = now - st
                 else:
@@ -240,8 +257,8 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], hea
         res.latency = time.perf_counter() - st
         if not done:
             res.reason, res.error = "stream dropped", "the stream ended without data: [DONE]"
-        elif chunks == 0:
-            res.reason, res.error = "empty response", "no content chunk before [DONE]"
+        elif not finished:
+            res.reason, res.error = "no finish_reason", "the stream ended with [DONE] but no choice had a finish_reason"
         else:
             res.output_tokens = usage_tokens if usage_tokens is not None else chunks
             res.success = True
@@ -327,8 +344,8 @@ def run_load_test(cfg: LoadTestConfig, requests: list[SampleRequest] | None = No
                   model: str | None = None) -> LoadTestResult:
     """Run the load test (blocking); Ctrl-C stops it early and returns what was measured."""
     cfg.validate()
-    requests = requests if requests is not None else build_requests(cfg)
     model = model or cfg.model or discover_model(cfg)
+    requests = requests if requests is not None else build_requests(cfg, prompt_vocab(cfg, model))
     before, why = ev.scrape(cfg.base_url, headers=_headers(cfg)) if cfg.scrape_metrics else (None, "disabled")
     run = _Run(cfg, len(requests))
     interrupted = False

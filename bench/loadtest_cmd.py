@@ -28,6 +28,9 @@ def add_parser(sub: Any) -> None:
                    help="lengths uniform in [len*(1-x), len*(1+x)], x in [0, 1) (default 0)")
     p.add_argument("--dataset", metavar="FILE.jsonl",
                    help='JSONL of {"prompt": ..., "output_len"?: N} or {"messages": [...]} lines')
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="draw random prompt ids from this checkpoint's tokenizer.json vocabulary (default: learn the "
+                        "served model's vocabulary from its /tokenize and /detokenize)")
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
     p.add_argument("--seed", default="0", metavar="S", help="seeds prompts and arrivals (default 0)")
     p.add_argument("--api-key", metavar="KEY", help="sent as Authorization: Bearer KEY")
@@ -36,6 +39,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", metavar="F.png", help="write a PNG: latency percentiles and output throughput over time")
     p.add_argument("--timeout", default="600", metavar="S", help="seconds per request (default 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--kill-worker-every", metavar="S",
+                   help="fault injection: kill a random expert worker of the server every S seconds, through Ray "
+                        "(needs --ray-address); the report counts the kills")
+    p.add_argument("--ray-address", metavar="HOST:PORT", default=os.environ.get("RAY_ADDRESS"),
+                   help="the server's Ray cluster (serve prints it as `ray: HOST:PORT`; default $RAY_ADDRESS)")
     p.set_defaults(run=run)
 
 
@@ -78,9 +86,12 @@ def config_from_args(args: Any) -> LoadTestConfig:
         input_len=_num(args.input_len, "--input-len", int, 1024),
         output_len=_num(args.output_len, "--output-len", int, 128),
         range_ratio=_num(args.range_ratio, "--range-ratio", float, 0.0),
-        dataset=args.dataset, goodput=parse_goodput(args.goodput), seed=_num(args.seed, "--seed"),
+        dataset=args.dataset, tokenizer=args.tokenizer, goodput=parse_goodput(args.goodput),
+        seed=_num(args.seed, "--seed"),
         api_key=args.api_key, timeout_s=_num(args.timeout, "--timeout", float), progress=not args.no_progress)
     cfg.validate()
+    if cfg.tokenizer and not os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")):
+        raise ValueError(f"--tokenizer: no tokenizer.json in {cfg.tokenizer!r}")
     return cfg
 
 
@@ -91,8 +102,22 @@ def run(args: Any) -> int:
             raise ValueError(f"{flag}: the directory of {path!r} does not exist")
     if args.plot:
         from . import plot  # fail on a missing matplotlib before the run, not after
-    lt = run_load_test(cfg)
+    killer = None
+    if args.kill_worker_every is not None:
+        from .fault_injection import WorkerKiller
+
+        killer = WorkerKiller(_num(args.kill_worker_every, "--kill-worker-every", float), args.ray_address)
+        killer.start()
+    try:
+        lt = run_load_test(cfg)
+    finally:
+        if killer is not None:
+            killer.stop()
     print(format_report(lt))
+    if killer is not None:
+        lt.result["fault_injection"] = killer.summary()
+        print(f"Expert workers killed: {len(killer.kills)} (one every {killer.every_s:g} s)"
+              + (f"; {len(killer.errors)} kill attempts failed" if killer.errors else ""))
     if args.result_file:
         lt.save(args.result_file)
         print(f"wrote {args.result_file}", file=sys.stderr)

@@ -28,7 +28,7 @@ from model.random_checkpoint import build_config
 from model.sampling import SamplingParams
 from model.weights import expected_shapes, expert_tensor_name
 from router.engine import Engine
-from router.expert_metrics import _CountingExperts
+from router.expert_metrics import CountingExperts
 from router.metrics import MetricsConfig, RouterMetrics
 from router.requests import GenerationRequest
 from router.scheduler import EngineConfig
@@ -130,7 +130,7 @@ def recording_seconds_per_step(model: Mixtral, cfg: OverheadConfig, steps: int =
     """The metrics work the engine adds to one decode step of `batch` sequences, timed in a loop."""
     m = RouterMetrics(MetricsConfig())
     L, E, k = model.cfg.num_hidden_layers, model.cfg.num_local_experts, model.cfg.num_experts_per_tok
-    counting = _CountingExperts(lambda *args: None, torch.zeros(L, E, dtype=torch.int64, device=model.device))
+    counting = CountingExperts(lambda *args: None, torch.zeros(L, E, dtype=torch.int64, device=model.device))
     ids = torch.randint(0, E, (cfg.batch, k), device=model.device)
     seqs = [{"arrival": 0.0, "last_token": 0.0} for _ in range(cfg.batch)]
     start = time.perf_counter()

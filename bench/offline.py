@@ -1,7 +1,9 @@
 """Offline decode benchmarks (no HTTP): our in-process model vs HF transformers, and expert workers vs in-process.
 
 Every figure is tokens generated / wall seconds of the whole generate call (prefill included), measured in
-one run so ratios are fair on a shared, noisy machine.
+one run so ratios are fair on a shared, noisy machine. HF runs each of its experts implementations (eager,
+grouped_mm, batched_mm where its per-token weight gather fits in memory) interleaved with ours; the fastest
+is the baseline.
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from model.generation import generate
+from model.kernel_choice import describe_cpu
+from model.matmul import PreparedWeight
 from model.mixtral import Mixtral
 from model.sampling import SamplingParams
+
+HF_EXPERTS = ("eager", "grouped_mm", "batched_mm")  # transformers 5 experts implementations that run on CPU
+BATCHED_MM_GATHER_BYTES = 2 << 30  # batched_mm copies each token's expert weights: skipped above this
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,7 @@ class DecodeBench:
     hf: bool = True  # HF transformers generate on the same checkpoint, same run
     repeats: int = 2  # interleaved runs (ours, HF, ours, HF, ...); the best of each is reported
     seed: int = 0
+    hf_experts: tuple[str, ...] = HF_EXPERTS
 
 
 def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -60,32 +68,69 @@ def load_hf(model_dir: str, dtype: str):
     return model.eval()
 
 
-def run_decode_bench(cfg: DecodeBench, log=print) -> list[dict]:
-    """Rows of {dtype, batch, ours_tok_s, hf_tok_s, ratio}; warm-up runs are not timed."""
-    rows = []
+def hf_experts_for(cfg: DecodeBench, model_cfg, batch: int, itemsize: int) -> list[str]:
+    """The HF experts implementations to time at `batch`: batched_mm only where its weight gather for the
+    prefill (every (token, slot) pair's expert weights at once) stays under BATCHED_MM_GATHER_BYTES."""
+    pairs = batch * cfg.prompt_len * model_cfg.num_experts_per_tok
+    gather = pairs * 3 * model_cfg.intermediate_size * model_cfg.hidden_size * itemsize
+    return [e for e in cfg.hf_experts if e != "batched_mm" or gather <= BATCHED_MM_GATHER_BYTES]
+
+
+def kernel_plans(model: Mixtral) -> dict[str, str]:
+    """The kernel plan of each kind of weight in `model` (one layer's; all layers share the shapes)."""
+    named = {"attention qkv": model.layers[0].wqkv, "attention out": model.layers[0].wo, "lm_head": model.lm_head}
+    experts = getattr(model.experts, "experts", None)
+    if experts:
+        named |= {"expert w1+w3": experts[0][0].w13, "expert w2": experts[0][0].w2}
+    return {name: w.plan.describe() for name, w in named.items() if isinstance(w, PreparedWeight)}
+
+
+def run_decode_bench(cfg: DecodeBench, log=print) -> dict:
+    """{"cpu", "threads", "kernels": {dtype: {weight: plan}}, "rows": [{dtype, batch, ours_tok_s, hf_tok_s,
+    hf_experts, ratio}]}; warm-up runs are not timed."""
+    rows, kernels = [], {}
     for dtype in cfg.dtypes:
         ours = Mixtral.from_pretrained(cfg.model_dir, dtype=dtype)
+        kernels[dtype] = kernel_plans(ours)
+        for name, plan in kernels[dtype].items():
+            log(f"kernels {name}: {plan}")
         hf = load_hf(cfg.model_dir, dtype) if cfg.hf else None
         warm = make_prompts(1, cfg.prompt_len, ours.cfg.vocab_size, cfg.seed + 99)
         time_ours(ours, warm, 2)
-        if hf is not None:
-            time_hf(hf, warm, 2)
+        itemsize = torch.empty((), dtype=ours.dtype).element_size()
         for batch in cfg.batch_sizes:
             prompts = make_prompts(batch, cfg.prompt_len, ours.cfg.vocab_size, cfg.seed)
             tokens = batch * cfg.gen_len
-            ours_s, hf_s = [], []
-            for _ in range(cfg.repeats):  # interleaved, so both see the same machine load
+            impls = hf_experts_for(cfg, ours.cfg, batch, itemsize) if hf is not None else []
+            for impl in impls:  # warm-up
+                hf.set_experts_implementation(impl)
+                time_hf(hf, warm, 2)
+            ours_s, hf_s = [], {impl: [] for impl in impls}
+            for _ in range(cfg.repeats):  # interleaved, so all see the same machine load
                 ours_s.append(time_ours(ours, prompts, cfg.gen_len))
-                if hf is not None:
-                    hf_s.append(time_hf(hf, prompts, cfg.gen_len))
+                for impl in impls:
+                    hf.set_experts_implementation(impl)
+                    hf_s[impl].append(time_hf(hf, prompts, cfg.gen_len))
             row = {"dtype": dtype, "batch": batch, "ours_tok_s": tokens / min(ours_s)}
-            if hf is not None:
-                row["hf_tok_s"] = tokens / min(hf_s)
+            if impls:
+                best = min(impls, key=lambda i: min(hf_s[i]))
+                row |= {"hf_tok_s": tokens / min(hf_s[best]), "hf_experts": best}
                 row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
-            log(format_row(row))
+                log(format_row(row) + "  (HF tok/s: " + ", ".join(
+                    f"{i} {tokens / min(hf_s[i]):.2f}" for i in impls) + ")")
+            else:
+                log(format_row(row))
             rows.append(row)
         del ours, hf
-    return rows
+    return {"cpu": describe_cpu(), "threads": torch.get_num_threads(), "kernels": kernels, "rows": rows}
+
+
+def format_kernels(report: dict) -> str:
+    """The decode report's machine and kernel plans, as lines for the console and the README."""
+    lines = [f"CPU: {report['cpu']}; torch {torch.__version__}, {report['threads']} threads; kernel per row count:"]
+    for plans in report["kernels"].values():
+        lines += [f"  {name}: {plan}" for name, plan in plans.items()]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

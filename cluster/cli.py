@@ -1,4 +1,4 @@
-"""`expertmesh` command line: checkpoint, generate, serve, loadtest, bench."""
+"""`expertmesh` command line: checkpoint, generate, serve, loadtest, bench, eval."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import serve_cmd
 
     serve_cmd.add_parser(sub)
-    # Commands of the packages above cluster (bench: loadtest, bench) register as entry points, so the control
+    # Commands of the packages above cluster (bench: loadtest, bench, eval) register as entry points, so the control
     # plane does not import them.
     for ep in sorted(entry_points(group="expertmesh.commands"), key=lambda e: e.name):
         ep.load()(sub)
@@ -83,6 +83,7 @@ def _generate_parser(sub) -> None:
     where.add_argument("--local", action="store_true", help="run everything in this process (default)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--placement", choices=["contiguous", "round-robin"], default="contiguous")
+    p.add_argument("--bind-host", default="0.0.0.0", help="interface the expert workers bind (with --workers)")
     p.set_defaults(run=_run_generate)
 
 
@@ -116,7 +117,7 @@ def _run_generate(args) -> int:
         from .deployment import ClusterConfig, ExpertCluster
 
         with ExpertCluster(ClusterConfig(args.model, args.workers, args.dtype, args.placement,
-                                         address=args.address)) as cluster:
+                                         address=args.address, bind_host=args.bind_host)) as cluster:
             out, _ = ray.get(cluster.router.generate.remote([ids], params))
     else:
         from model.generation import generate

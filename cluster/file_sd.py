@@ -6,24 +6,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
-ROUTER_JOB, WORKER_JOB = "expertmesh-router", "expertmesh-worker"
+from router.service_discovery import ROUTER_JOB, WORKER_JOB, target_of
+from router.service_discovery import target_groups as file_sd_groups  # the same groups as the router's http_sd
 
-
-def target_of(url: str) -> str:
-    """"http://host:port/metrics" -> "host:port"."""
-    return urlsplit(url).netloc
-
-
-def file_sd_groups(router_metrics_url: str | None, workers: list[tuple[str, str]]) -> list[dict]:
-    """One target group for the router (when it serves metrics) and one per (worker id, metrics url)."""
-    groups = []
-    if router_metrics_url:
-        groups.append({"targets": [target_of(router_metrics_url)], "labels": {"job": ROUTER_JOB}})
-    for worker_id, url in workers:
-        groups.append({"targets": [target_of(url)], "labels": {"job": WORKER_JOB, "worker": worker_id}})
-    return groups
+__all__ = ["ROUTER_JOB", "WORKER_JOB", "file_sd_groups", "target_of", "write_file_sd"]
 
 
 def write_file_sd(path: str | Path, groups: list[dict]) -> bool:

@@ -11,10 +11,16 @@ import time
 from pathlib import Path
 
 from .cli_args import DTYPE_CHOICES, positive_float, positive_int
+from .rebalance_flags import add_flags as add_rebalance_flags
+from .rebalance_flags import attach as attach_rebalancer
+from .rebalance_flags import settings_from_args as rebalance_settings
 from .serve_lifecycle import EXIT_GRACE_S, PARENT_PID_ENV, ServeLifecycle, exit_after, force_exit, kill_session, say
+from .serve_secrets import CURL_AUTH_HINT, add_flags, child_argv_env, data_plane_security, resolve_api_key
 
 DEFAULT_PRESET = "tiny"
 FILE_SD_REFRESH_S = 10.0
+# Where deploy/prometheus/prometheus.yml looks (a fixed path, as Ray's /tmp/ray/prom_metrics_service_discovery.json)
+DEFAULT_FILE_SD = Path("/tmp/expertmesh/file_sd.json")
 
 
 def add_parser(sub) -> None:
@@ -22,13 +28,17 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="checkpoint directory (default: a tiny random checkpoint, written once)")
     p.add_argument("--workers", type=positive_int, default=2, help="expert worker actors")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="HTTP bind address (0.0.0.0: all interfaces; the URL printed then has this node's IP)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
-    p.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"))
+    add_flags(p)  # --api-key(-file), --metrics-auth, --bind-host, --grpc-tls-*
     p.add_argument("--served-model-name")
     p.add_argument("--placement", choices=["contiguous", "round-robin"], default="contiguous")
     p.add_argument("--pg-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default="PACK")
+    p.add_argument("--router-resource", metavar="NAME",
+                   help="custom Ray resource the router takes 1 of, to pin it (and the HTTP port) to the node "
+                        "offering it, e.g. a KubeRay head started with resources {\"expertmesh_router\": 1}")
     p.add_argument("--kv-cache-mb", type=positive_int, default=512, help="KV cache budget")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
@@ -36,15 +46,25 @@ def add_parser(sub) -> None:
     p.add_argument("--max-model-len", type=positive_int)
     p.add_argument("--queue-timeout", type=positive_float, metavar="S",
                    help="a request not scheduled within S seconds gets a 503 (default: wait as long as it takes)")
+    p.add_argument("--request-timeout", type=positive_float, metavar="S",
+                   help="a request not finished S seconds after arrival fails with 503 (default: no deadline; a "
+                        "request waits out any expert worker recovery)")
+    p.add_argument("--dispatch-timeout", type=positive_float, default=10.0, metavar="S",
+                   help="deadline of one expert Dispatch RPC; a worker that misses it is treated as dead and "
+                        "replaced (default 10)")
+    p.add_argument("--replace-timeout", type=positive_float, default=60.0, metavar="S",
+                   help="seconds a replacement worker may wait for a node with capacity before requests held "
+                        "for it fail (default 60)")
     p.add_argument("--max-request-bytes", type=positive_int, default=4 * 1024 * 1024,
                    help="request body limit in bytes (413 beyond)")
     p.add_argument("--max-concurrent-requests", type=positive_int, default=1024,
                    help="HTTP requests in flight at most, streams included (503 + Retry-After beyond)")
     p.add_argument("--prometheus-file-sd", metavar="PATH",
                    help="Prometheus file_sd JSON listing the router and worker metrics targets "
-                        "(default: <cache dir>/expertmesh/file_sd.json)")
+                        f"(default: {DEFAULT_FILE_SD}, where deploy/prometheus/prometheus.yml looks)")
     p.add_argument("--no-expert-metrics", action="store_true",
                    help="drop the per-(layer, expert) metric series (for models with very many experts)")
+    add_rebalance_flags(p)  # --redundant-experts, --target-imbalance, --rebalance-interval, --autoscale, ...
     p.set_defaults(run=run)
 
 
@@ -104,7 +124,11 @@ def run(args) -> int:
     # node drain meant for Ray Serve; we drain ourselves.
     env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, CHILD_ENV: "1",
            PARENT_PID_ENV: str(os.getpid())}
-    child = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args.argv], start_new_session=True, env=env)
+    argv, env, fds = child_argv_env(args.argv, env)  # an --api-key goes by a pipe, never argv (`ps` shows it)
+    child = subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], start_new_session=True, env=env,
+                             pass_fds=fds)
+    for fd in fds:
+        os.close(fd)
     forward()  # a signal that came before the child existed
     rc = child.wait()
     if signals >= 2:
@@ -147,43 +171,63 @@ def _serve(args, life: ServeLifecycle) -> int:
     model_dir = str(Path(args.model) if args.model else cached_checkpoint())
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-                          max_model_len=args.max_model_len, queue_timeout_s=args.queue_timeout)
-    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          max_model_len=args.max_model_len, queue_timeout_s=args.queue_timeout,
+                          request_timeout_s=args.request_timeout)
+    security = data_plane_security(args)  # reads the --grpc-tls-* files: fail before starting anything
+    from model.config import MixtralConfig
+    placing = rebalance_settings(args, MixtralConfig.from_file(model_dir).num_local_experts)
+    server = ServerConfig(host=args.host, port=args.port, api_key=resolve_api_key(args), metrics_auth=args.metrics_auth,
                           served_model_name=args.served_model_name, engine=engine,
                           metrics=MetricsConfig(expert_metrics=not args.no_expert_metrics),
                           limits=ApiLimits(max_request_bytes=args.max_request_bytes,
                                            max_concurrent_requests=args.max_concurrent_requests))
     life.check()
     try:
-        start_ray(args.address, num_cpus_needed=args.workers + 1)
+        most = placing.autoscale.max_workers if placing.autoscale else args.workers  # embedded Ray: room for all
+        start_ray(args.address, num_cpus_needed=most + 1)
     except SystemExit:  # from Ray's SIGTERM handler
         life.signalled_in_ray_init()
         raise
     finally:
         life.install_handlers()
     life.check()
-    return _serve_cluster(args, model_dir, server, life)
+    return _serve_cluster(args, model_dir, server, life, security, placing)
 
 
-def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle) -> int:
+def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle, security=None, placing=None) -> int:
     import ray
 
+    from .controller import Controller, ControllerConfig
     from .deployment import ClusterConfig, ExpertCluster
 
     with ExpertCluster(ClusterConfig(model_dir, args.workers, args.dtype, args.placement, args.pg_strategy,
-                                     address=args.address, expert_metrics=not args.no_expert_metrics)) as cluster:
+                                     address=args.address, expert_metrics=not args.no_expert_metrics,
+                                     router_resource=args.router_resource,
+                                     dispatch_timeout_s=args.dispatch_timeout,
+                                     replace_timeout_s=args.replace_timeout,
+                                     bind_host=args.bind_host, security=security)) as cluster:
         life.check()
         url = ray.get(cluster.router.start_server.remote(server))
-        file_sd = Path(args.prometheus_file_sd) if args.prometheus_file_sd else cache_dir() / "file_sd.json"
-        cluster.write_file_sd(file_sd)
+        controller = Controller(cluster, ControllerConfig(hung_after_s=args.dispatch_timeout),
+                                start_server=lambda router: ray.get(router.start_server.remote(server))).start()
+        if placing is not None:  # rebalance / autoscale on the controller's ticks
+            attach_rebalancer(controller, cluster, placing)
+        file_sd = Path(args.prometheus_file_sd) if args.prometheus_file_sd else DEFAULT_FILE_SD
+        try:
+            cluster.write_file_sd(file_sd)
+        except OSError as e:  # e.g. another user's /tmp/expertmesh: serve on, without the file
+            say(f"cannot write the Prometheus file_sd file {file_sd} ({e}); choose one with --prometheus-file-sd")
+            cluster.file_sd_path = None
         life.serving()
         name = args.served_model_name or Path(model_dir).name
-        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        auth = CURL_AUTH_HINT if server.api_key else ""
         print(f"expertmesh serving {model_dir} with {args.workers} expert workers at {url}", flush=True)
         print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
         print(f"metrics: {url}/metrics   health: {url}/health   stop: Ctrl-C", flush=True)
-        print(f"prometheus file_sd targets: {file_sd} (see deploy/prometheus/prometheus.yml)", flush=True)
+        print(f"ray: {ray.get_runtime_context().gcs_address} (for loadtest --ray-address)", flush=True)
+        if cluster.file_sd_path is not None:
+            print(f"prometheus file_sd targets: {file_sd} (see deploy/prometheus/prometheus.yml)", flush=True)
         next_refresh = time.monotonic() + FILE_SD_REFRESH_S
         while not life.wait(0.5):
             if time.monotonic() >= next_refresh:  # a restarted worker has a new metrics port
@@ -193,6 +237,7 @@ def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle) -> int:
                 except Exception as e:  # noqa: BLE001 - keep serving; retry next round
                     say(f"file_sd refresh failed: {e}")
         say("draining in-flight requests and shutting down...")
+        controller.stop()
         ray.get(cluster.router.stop_server.remote())
     say("stopped")
     return 0

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .matmul import linear, prepare_weight
+from .matmul import PreparedWeight, linear, prepare_weight
 
 
 class ExpertBackend(Protocol):
@@ -23,10 +23,12 @@ class ExpertBackend(Protocol):
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One SwiGLU expert: w13 = cat(w1 gate, w3 up) [2I, D], w2 down [D, I], as `prepare_weight` lays them out."""
+    """One SwiGLU expert: w13 = cat(w1 gate, w3 up) [2I, D], w2 down [D, I], as `prepare_weight` lays them out
+    (on CPU: each with this machine's kernel plan for its shape, so every process computes an expert's rows
+    with the same kernels)."""
 
-    w13: torch.Tensor
-    w2: torch.Tensor
+    w13: torch.Tensor | PreparedWeight
+    w2: torch.Tensor | PreparedWeight
 
     @staticmethod
     def from_hf(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> ExpertWeights:

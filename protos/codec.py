@@ -72,10 +72,19 @@ def decode_tensor(msg: expert_pb2.Tensor, expected_dtype: str | torch.dtype | No
 
 
 def GRPC_OPTIONS(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Channel/server options: the message size limit, both ways.
+    """Channel/server options: the message size limit, both ways, and keepalive (KEEPALIVE_OPTIONS).
 
     bdp_probe off / larger lookahead / larger write buffer were measured on loopback (16-core host, unary
     Dispatch of 8 KiB-32 MiB bf16) and gained nothing, so they are left at gRPC's defaults. The bulk path is
     page-fault bound instead: glibc mallopt (M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB) gave ~3x there."""
     n = int(max_message_bytes)
-    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n), *KEEPALIVE_OPTIONS]
+
+
+# Keepalive, the same on both ends: each side pings an idle or silent connection every 5 s and drops it when a
+# ping is unanswered for 5 s, so a dead peer or half-open connection shows within ~10 s even between calls; the
+# server lets the client ping that often (its default minimum is 5 min, and it would answer with GOAWAY).
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 5000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 4000),
+                     ("grpc.http2.min_time_between_pings_ms", 4000)]

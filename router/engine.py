@@ -8,6 +8,12 @@ forward that raises leaves every sequence as it was (nothing advanced, seeded ge
 slots it wrote are rewritten by the retry), is retried after `step_retry_delays_s`, and if it still fails the
 batch is bisected: the halves run as their own forwards until the request(s) whose forward fails alone are
 found; only those fail (500), everyone else goes on with outputs identical to a run without the fault.
+
+Expert failover: a forward that raises ExpertUnavailableError (an expert has no live worker) is no request's
+fault and is never bisected. The step is held, state untouched as above, while a controller repairs the expert
+plane (router/expert_plane.py), and retried with backoff (and at once when the routing table changes); queued
+requests wait. A request fails only past its own deadline (`request_timeout_s`) or when no one can repair the
+plane, with a 503 that says why.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParamError, sample_batch
 
 from .errors import STATUS_INTERNAL, STATUS_UNAVAILABLE, EngineDeadError, InvalidRequest
+from .expert_plane import ExpertPlane, ExpertUnavailableError
 from .metrics import RouterMetrics
 from .requests import (
     FINISH_ABORT,
@@ -39,6 +46,7 @@ from .requests import (
 from .scheduler import FINISHED, Chunk, EngineConfig, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
+RECOVERY_POLL_S = (0.02, 0.5)  # first and longest wait between retries of a step held for the expert plane
 __all__ = ["AsyncEngine", "Engine", "EngineStats"]
 
 
@@ -172,6 +180,7 @@ class Engine:
         start = time.monotonic()
         with self._lock:
             self._expire_waiting(start)
+            self._expire_deadlines(start)
             chunks = self.scheduler.schedule()
             self.last_step_scheduled = bool(chunks)
             if not chunks:
@@ -199,10 +208,25 @@ class Engine:
                              f"the queue, longer than the queue timeout ({timeout:g} s); retry later",
                              status=STATUS_UNAVAILABLE)
 
+    def _expire_deadlines(self, now: float) -> None:
+        """Fail (503) requests, not in the running forward, older than the request timeout."""
+        if self.config.request_timeout_s is None:
+            return
+        for seq in [s for rid, s in self._seqs.items() if rid not in self._in_flight]:
+            if now - seq.metrics["arrival"] > self.config.request_timeout_s:
+                self._finish(seq, FINISH_ABORT, self._deadline_error(now, seq), status=STATUS_UNAVAILABLE)
+
+    def _deadline_error(self, now: float, seq: Sequence, why: str = "") -> str:
+        return (f"the request ran {now - seq.metrics['arrival']:.1f} s, past its deadline (request timeout "
+                f"{self.config.request_timeout_s:g} s){why}")
+
     def _run_isolated(self, chunks: list[Chunk]) -> list[RequestOutput]:
-        """Run chunks as one forward; on failure retry, then bisect so only the request at fault fails."""
+        """Run chunks as one forward; on failure retry, then bisect so only the request at fault fails; an
+        unavailable expert holds the step until the expert plane recovers instead."""
         try:
             return self._forward(chunks)
+        except ExpertUnavailableError as e:
+            return self._await_experts(chunks, e)
         except Exception as e:  # noqa: BLE001 - any failure of the forward is handled the same way
             error = e
         self._recovering = True
@@ -214,12 +238,91 @@ class Engine:
                 time.sleep(delay)
                 try:
                     return self._forward(chunks)
+                except ExpertUnavailableError as e:
+                    return self._await_experts(chunks, e)
                 except Exception as e:  # noqa: BLE001
                     error = e
             self._failed_steps += 1
             return self._bisect(chunks, error)
         finally:
             self._recovering = False
+
+    def _expert_plane(self) -> ExpertPlane | None:
+        plane = getattr(self.model.experts, "plane", None)  # RemoteExperts has one; in-process experts none
+        return plane if isinstance(plane, ExpertPlane) else None
+
+    def _await_experts(self, chunks: list[Chunk], error: ExpertUnavailableError) -> list[RequestOutput]:
+        """Hold the step until a forward over it succeeds again: retry with backoff, and at once after a
+        routing-table swap. Drops requests that pass their deadline or are aborted meanwhile; fails the rest
+        (503) when the plane cannot be repaired."""
+        plane = self._expert_plane()
+        started = time.monotonic()
+        self._recovering = True
+        log.warning("expert plane failed under a step of %d sequences (%s); holding it until the plane recovers",
+                    len(chunks), error)
+        generation = plane.generation if plane is not None else 0
+        delay, retries = RECOVERY_POLL_S[0], 0
+        unsupervised_tries = list(self.config.step_retry_delays_s)
+        try:
+            while True:
+                self._failed_steps += 1
+                why_not = plane.why_not_recoverable() if plane is not None else "the experts are not remote"
+                if why_not is not None and not unsupervised_tries:
+                    log.error("expert plane cannot recover (%s): failing %d requests", why_not, len(chunks))
+                    return self._fail_chunks(chunks, f"expert plane unavailable: {error}; {why_not}")
+                chunks = self._drop_expired(chunks, error)
+                if not chunks:
+                    return []
+                if why_not is not None:
+                    time.sleep(unsupervised_tries.pop(0))
+                elif plane is not None:
+                    generation = plane.wait_for_change(generation, delay)
+                    delay = min(2 * delay, RECOVERY_POLL_S[1])
+                retries += 1
+                if self.metrics is not None:
+                    self.metrics.step_retry()
+                try:
+                    outputs = self._forward(chunks)
+                except ExpertUnavailableError as e:
+                    error = e
+                    continue
+                except Exception as e:  # noqa: BLE001 - a request-caused failure after all: isolate it
+                    return self._bisect(chunks, e)
+                seconds = time.monotonic() - started
+                log.warning("expert plane recovered after %.2f s (%d step retries)", seconds, retries)
+                if self.metrics is not None:
+                    self.metrics.recovered(seconds)
+                return outputs
+        finally:
+            self._recovering = False
+
+    def _drop_expired(self, chunks: list[Chunk], error: Exception) -> list[Chunk]:
+        """chunks without those aborted meanwhile (they finish after the step) or past their deadline (failed
+        now: their blocks are freed, their chunk leaves the held step)."""
+        now, keep = time.monotonic(), []
+        timeout = self.config.request_timeout_s
+        with self._lock:
+            for c in chunks:
+                seq = c.seq
+                if seq.request_id in self._pending_aborts or seq.status == FINISHED:
+                    continue
+                if timeout is not None and now - seq.metrics["arrival"] > timeout:
+                    log.error("request %s passed its deadline while the expert plane recovered", seq.request_id)
+                    self._finish(seq, FINISH_ABORT, self._deadline_error(
+                        now, seq, f" while waiting for the expert plane to recover: {error}"),
+                        status=STATUS_UNAVAILABLE)
+                    self._in_flight.discard(seq.request_id)
+                    continue
+                keep.append(c)
+        return keep
+
+    def _fail_chunks(self, chunks: list[Chunk], error: str) -> list[RequestOutput]:
+        with self._lock:
+            for c in chunks:
+                seq = c.seq
+                if seq.request_id not in self._pending_aborts and seq.status != FINISHED:
+                    self._finish(seq, FINISH_ABORT, error, status=STATUS_UNAVAILABLE)
+        return []
 
     def _bisect(self, chunks: list[Chunk], error: Exception) -> list[RequestOutput]:
         if len(chunks) == 1:
@@ -235,6 +338,8 @@ class Engine:
         for half in (chunks[:mid], chunks[mid:]):
             try:
                 outputs += self._forward(half)
+            except ExpertUnavailableError as e:
+                outputs += self._await_experts(half, e)
             except Exception as e:  # noqa: BLE001
                 outputs += self._bisect(half, e)
         return outputs

@@ -1,7 +1,10 @@
-"""Where the router's tokens go: per (layer, expert) from the gate's decisions, per worker from Dispatch RPCs.
+"""Where the router's tokens go: per (layer, expert) and per worker, from the remote backend's dispatch events.
 
-Hot path: one index_add_ per forward into an [L, E] int64 tensor on the model's device (no host sync), and a
-few dict updates per Dispatch RPC (the RemoteExperts on_dispatch hook). Everything else happens at scrape time.
+With the remote backend everything comes from a dispatch listener (RemoteExperts.add_listener): a few list and
+dict updates per Dispatch RPC on the dispatch thread. An in-process backend has no dispatch events, so there
+CountingExperts wraps it and adds each forward's gate decisions into an [L, E] tensor on the model's device
+(one index_add_ per forward, no host sync). Everything else happens at scrape time. DispatchLoad is the same
+counting for the placement controller (cluster/rebalance.py), independent of the metrics switch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from .histograms import DISPATCH_BUCKETS, Histogram, MetricsConfig, histogram_family
 
 
-class _CountingExperts:
+class CountingExperts:
     """An expert backend wrapper that adds each forward's routing decisions to tokens [L, E]: it keeps the
     layers' expert ids and counts them all at the last layer (4 tensor ops a step, none of them syncing).
     Per thread, so forwards running side by side (RouterActor.generate beside the engine) do not mix."""
@@ -48,6 +51,37 @@ class _CountingExperts:
         return getattr(self.inner, name)
 
 
+class DispatchLoad:
+    """A dispatch listener counting, since creation, rows per (layer, expert) and per (layer, worker address),
+    Dispatch seconds per worker (as the router sees them) and RPCs; `snapshot` copies them under a lock."""
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.expert_tokens = [[0] * num_experts for _ in range(num_layers)]
+        self.worker_tokens: dict[tuple[int, str], int] = {}
+        self.worker_seconds: dict[str, float] = {}
+        self.rpcs = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, layer: int, addr: str, experts: list[int], counts: list[int], seconds: float,
+                 sent: int, received: int) -> None:
+        with self._lock:
+            row = self.expert_tokens[layer]
+            for e, n in zip(experts, counts, strict=True):
+                row[e] += n
+            key = (layer, addr)
+            self.worker_tokens[key] = self.worker_tokens.get(key, 0) + sum(counts)
+            self.worker_seconds[addr] = self.worker_seconds.get(addr, 0.0) + seconds
+            self.rpcs += 1
+
+    def snapshot(self) -> dict:
+        """{"expert_tokens": [L][E], "worker_tokens": [[layer, address, rows]], "worker_seconds": {address: s},
+        "rpcs": n, "time": monotonic seconds}; plain data (it crosses Ray)."""
+        with self._lock:
+            return {"expert_tokens": [list(r) for r in self.expert_tokens],
+                    "worker_tokens": [[layer, a, n] for (layer, a), n in self.worker_tokens.items()],
+                    "worker_seconds": dict(self.worker_seconds), "rpcs": self.rpcs, "time": time.monotonic()}
+
+
 class ExpertMetrics:
     """Collector of the expert-load series; counts from attach until detach."""
 
@@ -55,37 +89,35 @@ class ExpertMetrics:
         self.cfg = cfg
         self.num_layers, self.num_experts = model.cfg.num_hidden_layers, model.cfg.num_local_experts
         self.model, self.backend = model, model.experts
+        self.listening = hasattr(self.backend, "add_listener")  # the remote backend: dispatch events
         self.tokens: torch.Tensor | None = None  # [L, E] (token, slot) pairs routed to each expert
-        if cfg.expert_metrics:
+        self.expert_tokens: list[list[int]] | None = None  # the same, from dispatch events
+        if cfg.expert_metrics and self.listening:
+            self.expert_tokens = [[0] * self.num_experts for _ in range(self.num_layers)]
+        elif cfg.expert_metrics:
             self.tokens = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=model.device)
-            model.experts = _CountingExperts(self.backend, self.tokens)
+            model.experts = CountingExperts(self.backend, self.tokens)
         # written by the dispatch loop thread only, read (copied) at scrape time
         self.layer_worker_tokens: dict[tuple[int, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.bytes = {"sent": 0, "received": 0}
         self._snapshots: deque[tuple[float, dict[tuple[int, str], int]]] = deque([(time.monotonic(), {})])
         self._lock = threading.Lock()  # guards _snapshots against concurrent scrapes
-        self._attached = True
-        self._hook = None
-        if hasattr(self.backend, "on_dispatch"):
-            prev = self.backend.on_dispatch
-
-            def hook(*args: Any) -> None:
-                if prev is not None:
-                    prev(*args)
-                if self._attached:
-                    self._on_dispatch(*args)
-
-            self._hook = self.backend.on_dispatch = hook
+        if self.listening:
+            self.backend.add_listener(self._on_dispatch)
 
     def detach(self) -> None:
-        self._attached = False
-        if isinstance(self.model.experts, _CountingExperts) and self.model.experts.tokens is self.tokens:
+        if self.listening:
+            self.backend.remove_listener(self._on_dispatch)
+        if isinstance(self.model.experts, CountingExperts) and self.model.experts.tokens is self.tokens:
             self.model.experts = self.backend
-        # a hook chained on top of ours (record_dispatches) keeps ours, which is now inert
 
     def _on_dispatch(self, layer: int, addr: str, experts: list[int], counts: list[int], seconds: float,
                      sent: int, received: int) -> None:
+        if self.expert_tokens is not None:
+            row = self.expert_tokens[layer]
+            for e, n in zip(experts, counts, strict=True):
+                row[e] += n
         key = (layer, addr)
         self.layer_worker_tokens[key] = self.layer_worker_tokens.get(key, 0) + sum(counts)
         h = self.durations.get(addr)
@@ -100,16 +132,17 @@ class ExpertMetrics:
     def collect(self) -> Iterator[Metric]:
         L, E = self.num_layers, self.num_experts
         table = getattr(self.backend, "table", None)  # RoutingTable of RemoteExperts; none in-process
-        if self.tokens is not None:
+        rows = self.tokens.tolist() if self.tokens is not None else self.expert_tokens
+        if rows is not None:
             fam = CounterMetricFamily("expertmesh_expert_tokens_total", "Tokens (token, slot pairs) the router "
                                       "sent to each logical expert.", labels=["layer", "expert"])
-            for layer, row in enumerate(self.tokens.tolist()):
+            for layer, row in enumerate([list(r) for r in rows]):
                 for e, n in enumerate(row):
                     fam.add_metric([str(layer), str(e)], n)
             yield fam
             if table is not None:
-                fam = GaugeMetricFamily("expertmesh_expert_replicas", "Workers hosting each logical expert.",
-                                        labels=["layer", "expert"])
+                fam = GaugeMetricFamily("expertmesh_expert_replicas", "Workers hosting each logical expert "
+                                        "in the live routing table.", labels=["layer", "expert"])
                 for layer in range(L):
                     for e in range(E):
                         fam.add_metric([str(layer), str(e)], len(table.replicas.get((layer, e), ())))
@@ -138,7 +171,7 @@ class ExpertMetrics:
                                 labels=["layer"])
         base = self._window_base(cur)
         for layer in range(L):
-            serving = {table.worker_of(layer, e) for e in range(E) if table.replicas.get((layer, e))}
+            serving = {a for e in range(E) for a in table.replicas.get((layer, e), ())}
             loads = [cur.get((layer, a), 0) - base.get((layer, a), 0) for a in serving]
             total = sum(loads)
             fam.add_metric([str(layer)], max(loads) * len(loads) / total if total > 0 else 1.0)

@@ -41,6 +41,15 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def _authorized(scope: dict[str, Any], api_key: str) -> bool:
+    auth = _header(scope, b"authorization") or ""
+    return hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode())
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse({"error": "Unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 class AuthMiddleware:
     """With an api key, /v1/* needs `Authorization: Bearer KEY` (else 401); /health and /metrics stay open."""
 
@@ -49,10 +58,22 @@ class AuthMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (self.api_key and scope["type"] == "http" and scope["method"] != "OPTIONS"
-                and scope["path"].startswith("/v1")):
-            auth = _header(scope, b"authorization") or ""
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                return await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                and scope["path"].startswith("/v1") and not _authorized(scope, self.api_key)):
+            return await _unauthorized()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class RequireApiKey:
+    """Wraps one ASGI app (the /metrics app, with --metrics-auth): every HTTP request needs the api key."""
+
+    def __init__(self, app: Any, api_key: str):
+        if not api_key:
+            raise ValueError("--metrics-auth: needs an API key ($EXPERTMESH_API_KEY or --api-key-file)")
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not _authorized(scope, self.api_key):
+            return await _unauthorized()(scope, receive, send)
         await self.app(scope, receive, send)
 
 

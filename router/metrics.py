@@ -17,6 +17,7 @@ from .expert_metrics import ExpertMetrics
 from .histograms import (  # noqa: F401 - re-exported: the buckets and config are part of this module's API
     DISPATCH_BUCKETS,
     ITL_BUCKETS,
+    RECOVERY_BUCKETS,
     REQUEST_LATENCY_BUCKETS,
     STEP_BUCKETS,
     TOKEN_BUCKETS,
@@ -50,6 +51,9 @@ class RouterMetrics:
         self.step_seconds = Histogram(STEP_BUCKETS)
         self.step_tokens = Histogram(TOKEN_BUCKETS)
         self.finished = dict.fromkeys((FINISH_STOP, FINISH_LENGTH, FINISH_ABORT), 0)
+        self.step_retries = 0  # retries of steps held for the expert plane
+        self.recovery = Histogram(RECOVERY_BUCKETS)  # expert plane failure to the held step's success
+        self.worker_restarts: dict[str, int] = {}  # worker id -> replacements, set by the cluster controller
         self.experts: ExpertMetrics | None = None
 
     def attach(self, engine: MeteredEngine) -> None:
@@ -85,6 +89,12 @@ class RouterMetrics:
         self.step_seconds.observe(seconds)
         self.step_tokens.observe(tokens)
 
+    def step_retry(self) -> None:
+        self.step_retries += 1
+
+    def recovered(self, seconds: float) -> None:
+        self.recovery.observe(seconds)
+
 
 class _EngineCollector:
     def __init__(self, engine: MeteredEngine, m: RouterMetrics):
@@ -108,6 +118,13 @@ class _EngineCollector:
                                   "bisected so that only the request at fault fails).", value=s.failed_steps_total)
         yield GaugeMetricFamily("expertmesh_engine_recovering", "1 while a failed forward is being retried.",
                                 value=float(s.recovering))
+        yield CounterMetricFamily("expertmesh_step_retries_total", "Retries of steps held while the expert plane "
+                                  "recovered from a dead or hung worker.", value=m.step_retries)
+        restarts = CounterMetricFamily("expertmesh_worker_restarts_total", "Expert workers replaced after they "
+                                       "died or hung, by worker id.", labels=["worker"])
+        for worker, n in sorted(dict(m.worker_restarts).items()):
+            restarts.add_metric([worker], n)
+        yield restarts
         success = CounterMetricFamily("expertmesh_request_success_total", "Finished requests by finish reason.",
                                       labels=["finished_reason"])
         for reason, n in list(m.finished.items()):
@@ -119,5 +136,6 @@ class _EngineCollector:
                 ("e2e_request_latency_seconds", "Arrival to finish.", m.e2e),
                 ("request_queue_time_seconds", "Arrival to first scheduled.", m.queue),
                 ("step_duration_seconds", "One engine step: schedule, forward, sample.", m.step_seconds),
-                ("step_batch_tokens", "New tokens in one step's batch.", m.step_tokens)):
+                ("step_batch_tokens", "New tokens in one step's batch.", m.step_tokens),
+                ("recovery_seconds", "Expert plane failure to the next successful step.", m.recovery)):
             yield histogram_family(f"expertmesh_{name}", doc, series=[([], h)])

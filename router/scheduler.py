@@ -36,6 +36,7 @@ class EngineConfig:
     max_waiting: int = 256  # add_request raises QueueFullError beyond this many waiting requests
     max_model_len: int | None = None  # prompt + max_tokens limit; None: the model's max_position_embeddings
     queue_timeout_s: float | None = None  # a request not scheduled within this many seconds fails with 503
+    request_timeout_s: float | None = None  # a request not finished this many seconds after arrival fails (503)
     step_retry_delays_s: tuple[float, ...] = (0.05,)  # a failed forward is retried after each delay, then
     #                                                   bisected to the request(s) at fault
 
@@ -63,6 +64,8 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
             raise ValueError(f"queue_timeout_s: must be positive, got {self.queue_timeout_s}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s: must be positive, got {self.request_timeout_s}")
         if any(not 0 <= d <= 60 for d in self.step_retry_delays_s):
             raise ValueError(f"step_retry_delays_s: each delay must be in [0, 60], got {self.step_retry_delays_s}")
 

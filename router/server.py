@@ -10,9 +10,11 @@ import uvicorn
 
 from model.mixtral import Mixtral
 from model.tokenizer import Tokenizer
+from protos.addresses import advertised_host
 
 from .api import ApiLimits, build_app
 from .engine import AsyncEngine, Engine
+from .http_middleware import RequireApiKey
 from .metrics import MetricsConfig, RouterMetrics
 from .scheduler import EngineConfig
 
@@ -21,12 +23,17 @@ from .scheduler import EngineConfig
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    metrics_auth: bool = False  # /metrics needs the api key too
     served_model_name: str | None = None  # default: the checkpoint directory's name
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_bytes=512 * 1024 * 1024))
     drain_timeout_s: float = 60.0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: ApiLimits = field(default_factory=ApiLimits)
+
+    def __post_init__(self):
+        if self.metrics_auth and not self.api_key:
+            raise ValueError("--metrics-auth: needs an API key ($EXPERTMESH_API_KEY or --api-key-file)")
 
 
 class HttpThread:
@@ -55,15 +62,17 @@ class HttpThread:
 
 
 class RouterServer:
-    def __init__(self, model: Mixtral, model_dir: str, cfg: ServerConfig, health_check=None, metrics_app=None):
+    def __init__(self, model: Mixtral, model_dir: str, cfg: ServerConfig, health_check=None, metrics_app=None,
+                 prometheus_targets=None, placement_admin=None):
         self.cfg = cfg
         self.metrics = RouterMetrics(cfg.metrics) if cfg.metrics.enabled else None
         self.engine = Engine(model, cfg.engine, metrics=self.metrics)
         self.async_engine = AsyncEngine(self.engine)
         name = cfg.served_model_name or model_dir.rstrip("/").split("/")[-1]
         self.app = build_app(self.async_engine, Tokenizer.from_dir(model_dir), name, api_key=cfg.api_key,
-                             health_check=health_check, limits=cfg.limits,
-                             metrics_app=metrics_app or (self.metrics and self.metrics.asgi_app()))
+                             health_check=health_check, limits=cfg.limits, prometheus_targets=prometheus_targets,
+                             placement_admin=placement_admin,
+                             metrics_app=self._metrics_app(metrics_app or (self.metrics and self.metrics.asgi_app())))
         self.http = HttpThread(self.app, cfg.host, cfg.port,
                                max_connections=2 * cfg.limits.max_concurrent_requests + 64)
         try:
@@ -74,9 +83,13 @@ class RouterServer:
                 self.metrics.detach()
             raise
 
+    def _metrics_app(self, app):
+        return RequireApiKey(app, self.cfg.api_key) if app and self.cfg.metrics_auth else app
+
     @property
     def url(self) -> str:
-        return f"http://{self.cfg.host}:{self.port}"
+        """The URL other machines reach: with host 0.0.0.0, the node's IP (never http://0.0.0.0)."""
+        return f"http://{advertised_host(self.cfg.host)}:{self.port}"
 
     def drain_and_stop(self) -> None:
         """Refuse new requests, finish the in-flight ones, then stop HTTP and the engine loop."""

@@ -14,7 +14,9 @@ import threading
 import ray
 import torch
 
+from protos.addresses import advertised_host
 from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, dtype_name
+from protos.security import DataPlaneSecurity
 
 from .expert_worker import ExpertWorker
 from .metrics import start_metrics_server
@@ -26,19 +28,21 @@ START_TIMEOUT_S = 60.0
 class ExpertWorkerActor:
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str, worker_id: str,
                  host: str = "127.0.0.1", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 expert_metrics: bool = True):
+                 expert_metrics: bool = True, security: DataPlaneSecurity | None = None):
+        """host: the interface to bind ("0.0.0.0": all; other nodes then dial this node's IP); security: the
+        deployment's secret (and TLS), passed as an actor argument, never argv or env."""
         ctx = ray.get_runtime_context()
         torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1))))
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.worker = ExpertWorker(model_dir, pairs, dtype=dtype, device=device, worker_id=worker_id)
         self.node_id = ctx.get_node_id()
-        advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        advertised = advertised_host(host)
         self.metrics_server, metrics_port = start_metrics_server(self.worker, host, 0, expert_metrics)
         self.metrics_url = f"http://{advertised}:{metrics_port}/metrics"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"grpc-{worker_id}", daemon=True)
         self.thread.start()
-        start = serve_worker(self.worker, host, 0, max_message_bytes, self.metrics_url)
+        start = serve_worker(self.worker, host, 0, max_message_bytes, self.metrics_url, security)
         self.server, port = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=START_TIMEOUT_S)
         self._address = f"{advertised}:{port}"
 
@@ -54,6 +58,14 @@ class ExpertWorkerActor:
 
     def stats(self) -> dict:
         return self.worker.stats.to_dict()
+
+    def add_experts(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Load these (layer, expert) pairs while serving (make before break); returns the ones loaded."""
+        return self.worker.add_experts([tuple(p) for p in pairs])
+
+    def drop_experts(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Free these pairs; call only after the router stopped routing them here."""
+        return self.worker.drop_experts([tuple(p) for p in pairs])
 
     def ping(self) -> bool:
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -49,30 +50,83 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ExpertWorker:
+    """The FFNs of a set of (layer, expert) pairs. `add_experts` / `drop_experts` change the set while
+    `forward` runs on another thread: the hosted experts are an immutable dict swapped whole, and a forward
+    works on the dict it started with (weights it already holds stay alive until it returns)."""
+
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str = "float32",
                  device: str = "cpu", worker_id: str = "w0"):
         self.cfg = MixtralConfig.from_file(model_dir)
-        self.pairs = sorted({(int(layer), int(e)) for layer, e in pairs})
-        if not self.pairs or len(self.pairs) != len(pairs):
-            raise ValueError(f"worker {worker_id}: pairs must be non-empty and distinct, got {pairs}")
-        L, E = self.cfg.num_hidden_layers, self.cfg.num_local_experts
-        for layer, e in self.pairs:
-            if not (0 <= layer < L and 0 <= e < E):
-                raise ValueError(f"worker {worker_id}: pair (layer {layer}, expert {e}) is outside the model "
-                                 f"({L} layers x {E} experts)")
+        self.model_dir = model_dir
         self.worker_id = worker_id
+        wanted = self._checked_pairs(pairs)
+        if not wanted:
+            raise ValueError(f"worker {worker_id}: pairs must be non-empty and distinct, got {pairs}")
         self.dtype = parse_dtype(dtype)
         self.device = resolve_device(device)
         self.hidden_size = self.cfg.hidden_size
         self.load_stats = LoadStats()
-        t = load_tensors(model_dir, self.cfg, keep=experts_filter(self.pairs), dtype=self.dtype,
-                         device=self.device, stats=self.load_stats)
-        self.experts: dict[tuple[int, int], ExpertWeights] = {
-            (layer, e): ExpertWeights.from_hf(*(t.pop(expert_tensor_name(layer, e, w))
-                                                for w in ("w1", "w3", "w2")))
-            for layer, e in self.pairs}
-        self.layers = sorted({layer for layer, _ in self.pairs})
+        self._mutate = threading.Lock()  # add/drop one at a time; forward never takes it
+        self._set_hosted(self._load(wanted))
         self.stats = WorkerStats()
+
+    def _set_hosted(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
+        # one attribute, replaced whole: a reader sees the old or the new set, never a mix
+        self._hosted = (experts, frozenset(layer for layer, _ in experts))
+
+    @property
+    def experts(self) -> dict[tuple[int, int], ExpertWeights]:
+        return self._hosted[0]
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return sorted(self.experts)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._hosted[1])
+
+    def _checked_pairs(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        wanted = sorted({(int(layer), int(e)) for layer, e in pairs})
+        if len(wanted) != len(pairs):
+            raise ValueError(f"worker {self.worker_id}: pairs must be distinct, got {pairs}")
+        L, E = self.cfg.num_hidden_layers, self.cfg.num_local_experts
+        for layer, e in wanted:
+            if not (0 <= layer < L and 0 <= e < E):
+                raise ValueError(f"worker {self.worker_id}: pair (layer {layer}, expert {e}) is outside the "
+                                 f"model ({L} layers x {E} experts)")
+        return wanted
+
+    def _load(self, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], ExpertWeights]:
+        """Read only these pairs' tensors from the checkpoint."""
+        t = load_tensors(self.model_dir, self.cfg, keep=experts_filter(pairs), dtype=self.dtype,
+                         device=self.device, stats=self.load_stats)
+        return {(layer, e): ExpertWeights.from_hf(*(t.pop(expert_tensor_name(layer, e, w))
+                                                    for w in ("w1", "w3", "w2")))
+                for layer, e in pairs}
+
+    def add_experts(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Load the pairs not hosted yet (the others are left as they are); returns the pairs loaded."""
+        with self._mutate:
+            new = [p for p in self._checked_pairs(pairs) if p not in self.experts]
+            if new:
+                self._set_hosted({**self.experts, **self._load(new)})
+                log.info("worker %s: loaded %d experts (%s)", self.worker_id, len(new), new)
+            return new
+
+    def drop_experts(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Free the pairs (only once nothing routes to them any more); pairs not hosted are ignored, and a
+        drop that would leave no expert is refused (remove the worker instead). Returns the pairs dropped."""
+        with self._mutate:
+            gone = [p for p in self._checked_pairs(pairs) if p in self.experts]
+            if gone and len(gone) == len(self.experts):
+                raise ValueError(f"worker {self.worker_id}: dropping {len(gone)} pairs would leave no expert; "
+                                 f"remove the worker instead")
+            if gone:
+                dropped = set(gone)
+                self._set_hosted({k: v for k, v in self.experts.items() if k not in dropped})
+                log.info("worker %s: dropped %d experts (%s)", self.worker_id, len(gone), gone)
+            return gone
 
     def forward(self, layer: int, expert_ids: list[int], counts: list[int],
                 hidden: torch.Tensor) -> torch.Tensor:
@@ -96,17 +150,18 @@ class ExpertWorker:
     def _check(self, layer: int, expert_ids: list[int], counts: list[int],
                hidden: torch.Tensor) -> list[ExpertWeights]:
         who = f"worker {self.worker_id}"
-        if layer not in self.layers:
-            raise ValueError(f"{who}: layer {layer} is not hosted here (hosted layers: {self.layers})")
+        hosted, layers = self._hosted  # one snapshot for the whole call
+        if layer not in layers:
+            raise ValueError(f"{who}: layer {layer} is not hosted here (hosted layers: {sorted(layers)})")
         if len(expert_ids) != len(counts):
             raise ValueError(f"{len(expert_ids)} expert_ids but {len(counts)} counts")
         if len(set(expert_ids)) != len(expert_ids):
             raise ValueError(f"duplicate expert ids {list(expert_ids)}")
-        missing = [e for e in expert_ids if (layer, e) not in self.experts]
+        missing = [e for e in expert_ids if (layer, e) not in hosted]
         if missing:
-            hosted = [e for lay, e in self.pairs if lay == layer]
+            here = sorted(e for lay, e in hosted if lay == layer)
             raise ValueError(f"{who}: expert {missing[0]} of layer {layer} is not hosted here "
-                             f"(hosted: {hosted})")
+                             f"(hosted: {here})")
         if any(n < 0 for n in counts):
             raise ValueError(f"negative count in {list(counts)}")
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
@@ -117,4 +172,4 @@ class ExpertWorker:
             raise ValueError("empty request: no hidden rows")
         if sum(counts) != hidden.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)}, but hidden has {hidden.shape[0]} rows")
-        return [self.experts[(layer, e)] for e in expert_ids]
+        return [hosted[(layer, e)] for e in expert_ids]

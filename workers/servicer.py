@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import expert_pb2, expert_pb2_grpc
 from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, GRPC_OPTIONS, decode_tensor, dtype_name, encode_tensor
+from protos.security import DataPlaneSecurity, SecretInterceptor
 
 from .expert_worker import ExpertWorker
 
@@ -65,16 +66,21 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
 async def serve_worker(worker: ExpertWorker, host: str = "127.0.0.1", port: int = 0,
                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                       metrics_url: str = "") -> tuple[grpc.aio.Server, int]:
-    """Start a grpc.aio server for `worker` in the running event loop; port 0 picks a free one."""
-    server = grpc.aio.server(options=GRPC_OPTIONS(max_message_bytes))
+                       metrics_url: str = "", security: DataPlaneSecurity | None = None
+                       ) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `worker` in the running event loop; port 0 picks a free one. With
+    `security`, ExpertService calls need its secret (health stays open) and it serves TLS if it has a cert."""
+    interceptors = [SecretInterceptor(security.secret)] if security is not None else []
+    server = grpc.aio.server(options=GRPC_OPTIONS(max_message_bytes), interceptors=interceptors)
     expert_pb2_grpc.add_ExpertServiceServicer_to_server(
         ExpertServicer(worker, max_message_bytes, metrics_url), server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    creds = security.server_credentials() if security is not None else None
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if not bound:
         raise RuntimeError(f"worker {worker.worker_id}: cannot bind {host}:{port}")
     await server.start()

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
 
 from bench import expert_view as ev
-from bench.datasets import SampleRequest, random_requests
+from bench.datasets import SampleRequest, Vocab, random_requests
 from bench.loadtest import LoadTestConfig, RequestResult, arrival_times, compute_metrics, run_load_test
 from cluster.cli import main
 from model.mixtral import Mixtral
@@ -29,6 +29,7 @@ from router.scheduler import EngineConfig
 from router.server import HttpThread
 
 MODEL, MAX_LEN = "tiny-mixtral", 512
+VOCAB = Vocab(512, frozenset({0, 1, 2}))  # the tiny preset's
 STATS = ("mean", "median", "std", "p90", "p99")
 VLLM_KEYS = {  # `vllm bench serve --save-result --metric-percentiles 90,99`
     "date", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency", "duration",
@@ -129,11 +130,11 @@ def test_arrival_schedule_statistics():
 
 
 def test_random_prompts_are_seeded_and_in_range():
-    a = random_requests(300, 100, 20, 0.5, seed=1)
-    assert a == random_requests(300, 100, 20, 0.5, seed=1) != random_requests(300, 100, 20, 0.5, seed=2)
+    a = random_requests(300, 100, 20, 0.5, seed=1, vocab=VOCAB)
+    assert a == random_requests(300, 100, 20, 0.5, 1, vocab=VOCAB) != random_requests(300, 100, 20, 0.5, 2, vocab=VOCAB)
     assert all(50 <= r.prompt_len == len(r.prompt) <= 150 and 10 <= r.output_len <= 30 for r in a)
     assert max(r.prompt_len for r in a) > 140 and min(r.prompt_len for r in a) < 60
-    assert {len(r.prompt) for r in random_requests(10, 7, 3, 0.0)} == {7}
+    assert {len(r.prompt) for r in random_requests(10, 7, 3, 0.0, vocab=VOCAB)} == {7}
     chat = random_requests(3, 12, 4, 0.0, chat=True)
     assert all(r.prompt is None and len(r.messages[0]["content"].split()) == 12 for r in chat)
 
@@ -255,7 +256,7 @@ def test_live_run_tokens_concurrency_keys_expert_view_plot(srv, tmp_path, capsys
     r = json.loads(out.read_text())
     assert set(r) == VLLM_KEYS | {"failure_reasons", "expert_view"}
     assert (r["completed"], r["failed"], r["num_prompts"], r["failure_reasons"]) == (24, 0, 24, {})
-    wanted = random_requests(24, 16, 8, 0.5, seed=3)
+    wanted = random_requests(24, 16, 8, 0.5, seed=3, vocab=VOCAB)
     assert r["output_lens"] == [w.output_len for w in wanted]  # usage counts; ignore_eos makes them exact
     assert r["total_output_tokens"] == sum(w.output_len for w in wanted)
     assert srv.engine.stats().generation_tokens_total - generated == r["total_output_tokens"]
@@ -304,13 +305,13 @@ def test_live_chat_and_dataset(srv, tok, tmp_path):
     assert lt.result["output_lens"] == [4] * 4 and lt.result["expert_view"]["available"] is False
 
 
-def test_queue_full_429s_are_failures_with_reason(model, tok):
+def test_queue_full_429s_are_failures_with_reason(model, tok, model_dir):
     s = serve(model, tok, api_key="secret", max_num_seqs=1, max_waiting=1)
     try:
         lt = run_load_test(LoadTestConfig(s.server.url, 10, input_len=8, output_len=24, api_key="secret",
                                           progress=False))
         no_key = run_load_test(LoadTestConfig(s.server.url, 3, model=MODEL, input_len=8, output_len=2,
-                                              progress=False)).result
+                                              progress=False, tokenizer=str(model_dir))).result
         assert (no_key["completed"], no_key["failure_reasons"]) == (0, {"HTTP 401": 3})
     finally:
         s.server.stop()
@@ -348,17 +349,18 @@ def test_server_stopped_mid_run(model, tok):
         r["failure_reasons"]
 
 
+FLAKY_BASE = 100  # request k's prompt starts with token FLAKY_BASE + k
+
+
 class FlakyEngine:
-    """Request k: 0 fails mid-stream (in-band error), 1 is refused (503), 2 hangs, 3 completes 2 tokens."""
+    """Request k (read from its prompt, so arrival order does not matter): k % 4 == 0 fails mid-stream
+    (in-band error), 1 is refused (503), 2 hangs, 3 completes 2 tokens."""
 
     is_alive = True
     max_model_len = max_request_tokens = 512  # MAX_LEN
 
-    def __init__(self):
-        self.k = 0
-
     async def generate(self, request):
-        kind, self.k = self.k % 4, self.k + 1
+        kind = (request.prompt_ids[0] - FLAKY_BASE) % 4
         if kind == 1:
             raise EngineDeadError("expert 3 unreachable")
 
@@ -379,8 +381,9 @@ class FlakyEngine:
 def test_5xx_in_band_errors_and_timeouts_are_failures_with_reason(tok):
     server = Server(build_app(FlakyEngine(), tok, MODEL))
     try:
+        requests = [SampleRequest(prompt=[FLAKY_BASE + k, 7, 8, 9], prompt_len=4, output_len=2) for k in range(8)]
         lt = run_load_test(LoadTestConfig(server.url, 8, 50.0, input_len=4, output_len=2, timeout_s=1.0,
-                                          progress=False))
+                                          progress=False), requests, model=MODEL)
     finally:
         server.stop()
     r = lt.result
@@ -389,12 +392,13 @@ def test_5xx_in_band_errors_and_timeouts_are_failures_with_reason(tok):
     assert "expert 5 unreachable" in r["errors"][0] and "expert 3 unreachable" in r["errors"][1]
 
 
-def test_nothing_listening_all_refused():
+def test_nothing_listening_all_refused(model_dir):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
-    lt = run_load_test(LoadTestConfig(url, 5, model="m", input_len=4, output_len=2, progress=False))
+    lt = run_load_test(LoadTestConfig(url, 5, model="m", input_len=4, output_len=2, progress=False,
+                                      tokenizer=str(model_dir)))
     assert (lt.result["completed"], lt.result["failure_reasons"]) == (0, {"connection refused": 5})
     with pytest.raises(ValueError, match="--model"):  # no --model and no /v1/models to ask
         run_load_test(LoadTestConfig(url, 5, input_len=4, output_len=2, progress=False))

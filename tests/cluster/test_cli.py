@@ -86,7 +86,8 @@ def test_flag_types_live_in_a_leaf_module():
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cluster'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == ["cluster", "cluster.cli_args", "cluster.serve_cmd", "cluster.serve_lifecycle"]
+    assert json.loads(out.stdout) == ["cluster", "cluster.autoscale", "cluster.cli_args", "cluster.rebalance_flags",
+                                      "cluster.serve_cmd", "cluster.serve_lifecycle", "cluster.serve_secrets"]
     import cluster.cli
     import cluster.cli_args
 

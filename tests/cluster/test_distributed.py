@@ -4,6 +4,7 @@ import collections
 
 import pytest
 import ray
+import torch
 
 from cluster.deployment import ClusterConfig, ExpertCluster
 from cluster.placement import PlacementPlan
@@ -11,7 +12,7 @@ from model.experts import LocalExperts
 from model.generation import generate
 from model.mixtral import Mixtral
 from model.sampling import SamplingParams
-from tests.model.hf_reference import assert_close, hf_greedy, hf_logits, write_hf_checkpoint
+from tests.model.hf_reference import assert_close, assert_rows_close, hf_greedy, hf_logits, write_hf_checkpoint
 
 PROMPTS = [list(range(5, 25)), [7, 3, 250, 11], list(range(100, 140))]
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -54,8 +55,9 @@ def test_distributed_equals_in_process_and_hf(ray_session, checkpoint, workers):
     assert out == tokens
     for ours, ref in zip(remote_logits, logits, strict=True):
         assert_close(ours, ref, rtol=1e-5)
-    for p, ours in zip(PROMPTS, remote_logits, strict=True):
-        assert_close(ours[0], hf_logits(hf, p)[-1], rtol=1e-5)
+    for p, toks, ours in zip(PROMPTS, out, remote_logits, strict=True):  # every decode step, against HF
+        assert ours.shape[0] == PARAMS.max_tokens
+        assert_rows_close(ours, hf_logits(hf, p + toks)[len(p) - 1:-1], rtol=1e-5)
     assert out[0] == hf_greedy(hf, PROMPTS[0], PARAMS.max_tokens)
 
     # Every worker loaded only its own experts, and every expert lives on exactly one worker.
@@ -79,3 +81,27 @@ def test_distributed_equals_in_process_and_hf(ray_session, checkpoint, workers):
     pairs = sum(n * 2 for _, _, _, n in local.experts.hits)
     ideal = pairs * 64 * 4 * 2
     assert abs(stats["bytes_sent"] + stats["bytes_received"] - ideal) <= 0.05 * ideal
+
+
+@pytest.fixture(scope="module")
+def bf16_in_process(checkpoint):
+    d = checkpoint[0]
+    local = Mixtral.from_pretrained(d, dtype="bfloat16")
+    assert local.embed.dtype == torch.bfloat16
+    tokens, logits = generate(local, PROMPTS, PARAMS, return_logits=True)
+    return tokens, logits
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_bf16_through_workers_equals_bf16_in_process_bit_for_bit(ray_session, checkpoint, bf16_in_process, workers):
+    """The README's headline configuration: bf16 experts in Ray actors over gRPC give exactly (bit for bit) the
+    in-process bf16 model's tokens and logits."""
+    d = checkpoint[0]
+    tokens, logits = bf16_in_process
+    with ExpertCluster(ClusterConfig(str(d), workers, dtype="bfloat16")) as cluster:
+        infos = cluster.worker_infos()
+        out, remote_logits = ray.get(cluster.router.generate.remote(PROMPTS, PARAMS, True))
+    assert [i["dtype"] for i in infos] == ["bfloat16"] * workers
+    assert out == tokens
+    for ours, ref in zip(remote_logits, logits, strict=True):
+        assert ours.dtype == ref.dtype and torch.equal(ours, ref)

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from cluster.deployment import ClusterConfig, ExpertCluster
-from model.random_checkpoint import write_checkpoint
+from model.random_checkpoint import expert_ranks, write_checkpoint
 from router.metrics import MetricsConfig
 from router.scheduler import EngineConfig
 from router.server import ServerConfig
@@ -20,6 +20,11 @@ from tests.router.test_metrics import REQUESTS, TOP_K, stream_completion
 from tests.scrape import by, names, scrape, total
 
 LAYERS, EXPERTS, HIDDEN = 2, 8, 64
+# Router skew this strong sends every token to the same two experts of each layer (rank 1 and 2). With seed 0
+# those are experts 2 and 7 in layer 0 (one on each worker of the contiguous placement: balanced) and 4 and 5 in
+# layer 1 (both on worker-1, the other worker idle: max / mean = 2).
+SEED, SKEW = 0, 30.0
+HOT = {0: (2, 7), 1: (4, 5)}
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "expertmesh-dashboard.json"
 
 
@@ -32,7 +37,7 @@ def start_server(cluster: ExpertCluster, metrics: MetricsConfig | None = None) -
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     d = tmp_path_factory.mktemp("metrics_cluster")
-    write_checkpoint(d / "ck", "tiny", seed=7)
+    write_checkpoint(d / "ck", "tiny", seed=SEED, router_skew=SKEW)
     with ExpertCluster(ClusterConfig(str(d / "ck"), 2)) as cluster:
         url = start_server(cluster)
         groups = cluster.write_file_sd(d / "sd" / "file_sd.json")
@@ -73,9 +78,17 @@ def test_per_worker_dispatch_metrics_match_the_workers(served):
     for direction in ("sent", "received"):  # rows x hidden x fp32, plus a little framing
         sent = total(r, "expertmesh_dispatch_bytes_total", direction=direction)
         assert rows * HIDDEN * 4 <= sent <= 1.05 * rows * HIDDEN * 4
+    # A routing known to be unbalanced gives the known imbalance, and the workers' own counters agree.
+    ranks = {layer: expert_ranks(EXPERTS, SEED, layer).tolist() for layer in range(LAYERS)}
+    assert {layer: tuple(e for e in range(EXPERTS) if ranks[layer][e] <= 2) for layer in range(LAYERS)} == HOT
+    router_load = by(r, "expertmesh_expert_tokens_total", "layer", "expert")
+    assert {k for k, n in router_load.items() if n} == {(str(lay), str(e)) for lay, es in HOT.items() for e in es}
     imbalance = by(r, "expertmesh_layer_load_imbalance", "layer")
-    assert set(imbalance) == {(str(i),) for i in range(LAYERS)}
-    assert all(1.0 <= v <= 2.0 for v in imbalance.values())  # max / mean of 2 workers
+    assert imbalance == {("0",): 1.0, ("1",): 2.0}
+    for layer in range(LAYERS):
+        per_worker = [total(w, "expertmesh_worker_expert_tokens_total", layer=str(layer))
+                      for w in served.workers.values()]
+        assert imbalance[(str(layer),)] == max(per_worker) * len(per_worker) / sum(per_worker)
     assert by(r, "expertmesh_expert_replicas", "layer", "expert") == \
         {(str(i), str(e)): 1 for i in range(LAYERS) for e in range(EXPERTS)}
 
@@ -104,6 +117,40 @@ def test_dashboard_uses_only_exported_metrics(served):
     used = {m for p in dash["panels"] for t in p.get("targets", [])
             for m in re.findall(r"expertmesh_[a-z0-9_]+", t["expr"])}
     assert len(used) >= 15 and used <= exported, used - exported
+
+
+def test_loadtest_expert_view_matches_the_router_counters(served):
+    """`expertmesh loadtest`'s expert view, computed from this real router's /metrics, equals the router's own
+    counter deltas over the run, and shows the known skew: 2 of 8 experts per layer take every token (max/mean
+    4, hottest share 50%), and worker-1 gets layer 1 alone (dispatched tokens 1 : 3, max/mean 1.5)."""
+    from bench.loadtest import LoadTestConfig, run_load_test
+
+    before = scrape(served.url + "/metrics")
+    lt = run_load_test(LoadTestConfig(served.url, 6, input_len=8, output_len=4, progress=False))
+    after = scrape(served.url + "/metrics")
+    r, view = lt.result, lt.result["expert_view"]
+    assert r["completed"] == 6 and view["available"], view
+
+    def delta(name, *keys):
+        old = by(before, name, *keys)
+        return {k: v - old.get(k, 0) for k, v in by(after, name, *keys).items()}
+
+    experts = delta("expertmesh_expert_tokens_total", "layer", "expert")
+    processed = sum(p + n - 1 for p, n in zip(r["input_lens"], r["output_lens"], strict=True))
+    assert [lay["layer"] for lay in view["layers"]] == [str(i) for i in range(LAYERS)]
+    for lay in view["layers"]:
+        loads = {e: n for (layer, e), n in experts.items() if layer == lay["layer"]}
+        assert lay["tokens"] == sum(loads.values()) == processed * TOP_K
+        assert (lay["experts"], lay["max_mean"], lay["hottest_share"]) == (EXPERTS, 4.0, 0.5)
+        assert loads[lay["hottest_expert"]] == max(loads.values())
+        assert int(lay["hottest_expert"]) in HOT[int(lay["layer"])]
+    assert view["expert_max_mean"] == 4.0
+    workers = {w: n for (w,), n in delta("expertmesh_worker_dispatch_tokens_total", "worker").items()}
+    assert view["workers"]["tokens"] == workers == {"worker-0": processed * 1, "worker-1": processed * 3}
+    assert view["workers"]["max_mean"] == 1.5
+    counts = {w: n for (w,), n in delta("expertmesh_dispatch_duration_seconds_count", "worker").items()}
+    assert {w: d["count"] for w, d in view["dispatch"].items()} == counts and min(counts.values()) > 0
+    assert all(d["mean_ms"] > 0 and d["p99_ms"] > 0 for d in view["dispatch"].values())
 
 
 def test_no_expert_metrics_flag(served, tmp_path):

@@ -8,6 +8,9 @@ import textwrap
 
 import pytest
 
+from model.generation import generate
+from model.mixtral import Mixtral
+from model.sampling import SamplingParams
 from tests.model.hf_reference import write_hf_checkpoint
 
 SCRIPT = textwrap.dedent("""
@@ -27,13 +30,14 @@ SCRIPT = textwrap.dedent("""
         infos = c.worker_infos()
         router = ray.get(c.router.info.remote())
         out, _ = ray.get(c.router.generate.remote([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True)))
-        table = ray.util.placement_group_table(c.pg)
-        gpus_per_bundle = [b.get("GPU", 0) for b in table["bundles"].values()]
+        gpus_per_bundle = [b.get("GPU", 0) for pg in c.placement_groups()
+                           for b in ray.util.placement_group_table(pg)["bundles"].values()]
     ray.shutdown()
     sim.shutdown()
     print("RESULT " + json.dumps({"workers": [i["node_id"] for i in infos], "router": router["node_id"],
                                   "tokens": out[0], "gpus": gpus_per_bundle,
-                                  "devices": [i["device"] for i in infos]}))
+                                  "devices": [i["device"] for i in infos], "router_device": router["device"],
+                                  "dtypes": [i["dtype"] for i in infos]}))
 """)
 
 
@@ -48,7 +52,11 @@ def test_simulated_gpu_nodes(tmp_path, strategy):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     r = json.loads(lines[0][len("RESULT "):])
     assert r["gpus"] == [1.0, 1.0, 1.0]  # each worker and the router got a whole (fake) GPU bundle
-    assert len(r["tokens"]) == 4
+    ours, _ = generate(Mixtral.from_pretrained(tmp_path / "ck"), [[5, 6, 7]], SamplingParams(max_tokens=4,
+                                                                                          ignore_eos=True))
+    assert r["tokens"] == ours[0]  # the same tokens as in-process
+    # The bundles' GPUs are fake (no CUDA here): every actor saw that and runs its experts on the CPU, in fp32.
+    assert (r["devices"], r["router_device"], r["dtypes"]) == (["cpu", "cpu"], "cpu", ["float32", "float32"])
     nodes = r["workers"] + [r["router"]]
     if strategy == "SPREAD":
         assert len(set(nodes)) == 3

@@ -56,6 +56,7 @@ def prometheus(cluster_sd):
     cfg = yaml.safe_load(CONFIG.read_text())
     assert cfg["global"]["scrape_interval"] == "5s"
     cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(d / "file_sd.json")]
+    del cfg["scrape_configs"][0]["http_sd_configs"]  # file_sd alone here (tests/deploy covers http_sd)
     (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     log = open(d / "prometheus.log", "w")  # closed below

@@ -95,16 +95,24 @@ def test_sigint_drains_in_flight_then_exits_cleanly(server):
     result = {}
 
     def long_request():
-        r = httpx.post(url + "/v1/completions", json={"model": "ck", "prompt": "drain me", "max_tokens": 200,
+        r = httpx.post(url + "/v1/completions", json={"model": "ck", "prompt": "drain me", "max_tokens": 400,
                                                       "ignore_eos": True}, timeout=120)
         result["r"] = r
 
+    before = httpx.get(url + "/v1/admin/engine", timeout=10).json()["generation_tokens_total"]
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60  # SIGINT only once the request is running and has produced a token
+    while True:
+        state = httpx.get(url + "/v1/admin/engine", timeout=10).json()
+        if state["generation_tokens_total"] > before:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.01)
+    assert t.is_alive()  # 400 tokens take far longer than one poll: the signal comes mid-request
     proc.send_signal(signal.SIGINT)
     t.join(timeout=150)
     assert result["r"].status_code == 200
-    assert result["r"].json()["usage"]["completion_tokens"] == 200
+    assert result["r"].json()["usage"]["completion_tokens"] == 400
     assert proc.wait(timeout=120) == 0
     assert any("stopped" in x for x in errors)

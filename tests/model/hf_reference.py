@@ -41,3 +41,14 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4) -> N
     err = (ours.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
     assert err <= rtol * scale, f"max abs error {err:.3e} > {rtol} x {scale:.3e}"
+
+
+def assert_rows_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Every position (row) on its own: max |ours - ref| <= rtol * max |ref| of that row (the README's claim:
+    fp32 logits match HF within 1e-5 relative)."""
+    ours, ref = ours.float().reshape(-1, ref.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
+    err = (ours - ref).abs().max(-1).values
+    scale = ref.abs().max(-1).values
+    worst = int(torch.argmax(err / scale))
+    assert bool((err <= rtol * scale).all()), \
+        f"position {worst}: max abs error {err[worst]:.3e} > {rtol} x {scale[worst]:.3e}"

@@ -299,6 +299,24 @@ def test_stop_token_ids_and_eos(model):
     assert final["e"].finish_reason == (FINISH_STOP if tokens["e"][-1] == eos_model else FINISH_LENGTH)
 
 
+def test_eos_stops_at_exactly_the_expected_token(eos_model_dir):
+    """A checkpoint built so that greedy decoding after CHAIN[0] gives CHAIN[1:] and then EOS: the engine stops
+    there with finish_reason "stop", the EOS token being the last output; ignore_eos runs on to max_tokens."""
+    from tests.router.conftest import CHAIN, EOS_AFTER
+
+    eos_model = Mixtral.from_pretrained(eos_model_dir)
+    eos = eos_model.cfg.eos_token_id
+    ids = [eos_model.cfg.bos_token_id, 5, CHAIN[0]]
+    engine = Engine(eos_model, EngineConfig(num_kv_blocks=64))
+    tokens, final = run(engine, {0: [request("e", ids, SamplingParams(max_tokens=20)),
+                                     request("i", ids, SamplingParams(max_tokens=20, ignore_eos=True))]})
+    assert tokens["e"] == [*CHAIN[1:], eos] and len(tokens["e"]) == EOS_AFTER + 1
+    assert final["e"].finish_reason == FINISH_STOP
+    assert tokens["i"][:EOS_AFTER + 1] == [*CHAIN[1:], eos] and len(tokens["i"]) == 20
+    assert final["i"].finish_reason == FINISH_LENGTH
+    assert_all_free(engine)
+
+
 # ---- AsyncEngine -----------------------------------------------------------------------------------------
 
 

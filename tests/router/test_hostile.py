@@ -10,13 +10,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
-import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.mixtral import Mixtral
-from model.tokenizer import Tokenizer, build_byte_level_bpe, write_tokenizer_files
 from router.api import ApiLimits, build_app
 from router.engine import AsyncEngine, Engine
 from router.scheduler import EngineConfig
@@ -26,28 +22,6 @@ V, MAX_LEN, MODEL = 512, 512, "tiny-mixtral"
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 P = "Hello the model"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_mixtral_hostile")
-    torch.manual_seed(1)
-    cfg = transformers.MixtralConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=MAX_LEN)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(d)
-    write_tokenizer_files(d, build_byte_level_bpe(V), 1, 2, MAX_LEN)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return Mixtral.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return Tokenizer.from_dir(model_dir)
 
 
 def start(model, tok, engine_cfg: EngineConfig, limits: ApiLimits | None = None, tokenizer=None):

@@ -15,7 +15,7 @@ import torch
 
 from model.mixtral import Mixtral
 from model.random_checkpoint import write_checkpoint
-from router.expert_metrics import ExpertMetrics, _CountingExperts
+from router.expert_metrics import CountingExperts, ExpertMetrics
 from router.metrics import TTFT_BUCKETS, Histogram, MetricsConfig
 from router.remote_experts import RoutingTable
 from router.scheduler import EngineConfig
@@ -166,11 +166,21 @@ def test_histogram_matches_prometheus_client():
 
 
 class FakeRemote:
-    """What ExpertMetrics reads from RemoteExperts: a routing table and the on_dispatch hook."""
+    """What ExpertMetrics reads from RemoteExperts: a routing table and dispatch listeners."""
 
     def __init__(self):
         self.table = RoutingTable.from_placement([[0, 1], [2, 3]], ["h:1", "h:2"], 2, ["worker-0", "worker-1"])
-        self.on_dispatch = None
+        self.listeners = []
+
+    def add_listener(self, fn):
+        self.listeners.append(fn)
+
+    def remove_listener(self, fn):
+        self.listeners.remove(fn)
+
+    def on_dispatch(self, *event):
+        for fn in self.listeners:
+            fn(*event)
 
 
 def test_dispatch_series_and_imbalance_window():
@@ -194,6 +204,8 @@ def test_dispatch_series_and_imbalance_window():
     assert by(s, "expertmesh_dispatch_bytes_total", "direction") == {("sent",): 1700, ("received",): 1400}
     assert by(s, "expertmesh_layer_load_imbalance", "layer") == {("0",): 1.5, ("1",): 2.0}  # 30:10, 0:8
     assert total(s, "expertmesh_expert_replicas") == 8
+    tokens = by(s, "expertmesh_expert_tokens_total", "layer", "expert")  # from the same dispatch events
+    assert (tokens[("0", "0")], tokens[("0", "2")], tokens[("1", "3")], tokens[("1", "0")]) == (20, 10, 8, 0)
     backend.on_dispatch(0, "h:2", [2], [10], 0.001, 400, 300)  # only worker-1 since the last scrape
     s = scrape_now()
     assert by(s, "expertmesh_layer_load_imbalance", "layer") == {("0",): 2.0, ("1",): 1.0}  # layer 1 idle
@@ -204,7 +216,7 @@ def test_dispatch_series_and_imbalance_window():
 
 def test_expert_counting_is_per_forward_and_per_thread():
     tokens = torch.zeros(3, 4, dtype=torch.int64)
-    counting = _CountingExperts(lambda layer, h, ids, w: layer, tokens)
+    counting = CountingExperts(lambda layer, h, ids, w: layer, tokens)
 
     def forwards(rows: int) -> None:
         ids = torch.arange(rows * 2).remainder(4).view(rows, 2)  # every expert equally often

@@ -1,9 +1,12 @@
 """ExpertWorker: loads only its own tensors, matches the in-process grouped path bit for bit, and names
 every bad request."""
 
+import threading
+
 import pytest
 import torch
 
+from model.experts import run_grouped
 from workers.expert_worker import ExpertWorker
 
 from .conftest import reference_rows
@@ -70,3 +73,46 @@ def test_bad_pairs(mixtral_dir, pairs):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cuda_falls_back_to_cpu_without_a_gpu(mixtral_dir):
     assert ExpertWorker(str(mixtral_dir), [(0, 0)], device="cuda").device.type == "cpu"
+
+
+def test_add_and_drop_experts_while_serving(mixtral_dir):
+    w = ExpertWorker(str(mixtral_dir), [(1, 3)], worker_id="wa")
+    read = w.load_stats.tensors_read
+    assert w.add_experts([(1, 3), (1, 5), (0, 2)]) == [(0, 2), (1, 5)]  # (1, 3) is already here
+    assert w.load_stats.tensors_read == read + 2 * 3  # only the new pairs' tensors were read
+    assert w.pairs == [(0, 2), (1, 3), (1, 5)] and w.layers == [0, 1]
+    ids, counts, x, want = reference_rows(mixtral_dir, 1, [3, 5], tokens=30)
+    assert torch.equal(w.forward(1, ids, counts, x), want)
+    # A forward that already took its experts finishes even if they are dropped meanwhile.
+    experts = w._check(1, ids, counts, x)
+    assert w.drop_experts([(1, 5), (1, 7)]) == [(1, 5)]
+    assert torch.equal(run_grouped(x, experts, counts), want)
+    with pytest.raises(ValueError, match="expert 5 of layer 1 is not hosted"):
+        w.forward(1, ids, counts, x)
+    with pytest.raises(ValueError, match="would leave no expert"):
+        w.drop_experts([(0, 2), (1, 3)])
+    with pytest.raises(ValueError, match="outside the model"):
+        w.add_experts([(0, 9)])
+    assert w.pairs == [(0, 2), (1, 3)]
+
+
+def test_forwards_on_one_thread_while_another_adds_and_drops(mixtral_dir):
+    w = ExpertWorker(str(mixtral_dir), [(1, 3), (1, 5)])
+    ids, counts, x, want = reference_rows(mixtral_dir, 1, [3, 5], tokens=20)
+    stop, errors = threading.Event(), []
+
+    def churn():
+        while not stop.is_set():
+            w.add_experts([(0, 1), (0, 2)])
+            w.drop_experts([(0, 1), (0, 2)])
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(50):
+            if not torch.equal(w.forward(1, ids, counts, x), want):
+                errors.append("mismatch")
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []

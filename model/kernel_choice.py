@@ -1,0 +1,306 @@
+"""Which kernel runs a weight product, chosen by timing the candidates on this machine, cached on disk.
+
+For one weight shape, dtype and torch thread count, `measure` times every candidate kernel (`model/matmul.py`
+lists them) at a few row counts, on copies of the real weight that together exceed the last-level cache (so
+the weights stream from DRAM, as when a layer's experts run), candidates interleaved so machine load hits
+them alike. `choose` keeps one weight layout (one copy in memory): per layout the fastest of its kernels at
+each row count, the layout with the lowest mean slowdown against the best kernel at each row count winning.
+
+Bit-exactness: the kernels give different bits, so every process on a machine must run the same plan (the
+in-process model and the expert workers compare bit for bit). The plan is cached per (CPU model and flags,
+torch version, dtype, shape, thread count) under $XDG_CACHE_HOME/expertmesh/kernels (default ~/.cache): the
+file appears atomically (written aside, then hard-linked into place, which fails if it exists), so when two
+processes measure at once the first file wins and the other adopts it before serving. Where the cache cannot
+be written, the deterministic `fixed` plan runs, so processes still agree.
+
+EXPERTMESH_KERNELS overrides: `fixed` (no measuring: the pre-measurement defaults), `measure` (the default),
+or per dtype `bfloat16=onednn_packed,float32=aten` (that kernel at every row count; dtypes not named are
+measured).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+ENV = "EXPERTMESH_KERNELS"
+SCHEME = 2  # bump when kernels or the measurement change meaning: old cache files are then ignored
+MEASURED_ROWS = (1, 4, 16, 64)  # each covers the row counts up to the geometric midpoint with the next
+STREAM_BYTES = 64 << 20  # weight copies timed in turn: more than a last-level cache holds
+MAX_COPIES = 8
+CALLS = 3  # timed calls per (candidate, row count): more while a row count took under MIN_ROW_SECONDS,
+MAX_CALLS = 24  # ... up to MAX_CALLS; fewer (at least 2) once it took MAX_ROW_SECONDS (the largest weights)
+MIN_ROW_SECONDS = 0.05
+MAX_ROW_SECONDS = 0.1
+DROP_FACTOR = 3.0  # a candidate this much slower than the best at two row counts in a row is not timed further
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
+
+Tensor = torch.Tensor
+Kernel = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A kernel and the weight layout it reads (`prepare` turns a plain [out, in] weight into that layout)."""
+
+    name: str
+    layout: str
+    prepare: Callable[[Tensor], Tensor]
+    run: Kernel
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The kernel per row count for one (dtype, weight shape, thread count) on this machine."""
+
+    dtype: str
+    shape: tuple[int, int]  # [out, in]
+    threads: int
+    layout: str
+    kernels: tuple[tuple[int, str], ...]  # (first row count, kernel) ascending from 1; the last covers all above
+    source: str  # measured | cache | fixed | env
+    timings_ms: tuple[tuple[int, tuple[tuple[str, float], ...]], ...] = ()  # per measured row count
+
+    def kernel_for(self, rows: int) -> str:
+        name = self.kernels[0][1]
+        for first, kernel in self.kernels:
+            if rows < first:
+                break
+            name = kernel
+        return name
+
+    def describe(self) -> str:
+        ranges = [f"{first}+: {k}" for first, k in self.kernels]
+        return f"{self.dtype} {self.shape[0]}x{self.shape[1]} ({self.source}): " + ", ".join(ranges)
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "threads": self.threads, "layout": self.layout,
+                "kernels": [list(k) for k in self.kernels],
+                "timings_ms": {str(r): dict(t) for r, t in self.timings_ms}}
+
+    @staticmethod
+    def from_json(d: Mapping, source: str) -> KernelPlan:
+        return KernelPlan(dtype=d["dtype"], shape=(int(d["shape"][0]), int(d["shape"][1])), threads=int(d["threads"]),
+                          layout=d["layout"], kernels=tuple((int(r), str(k)) for r, k in d["kernels"]),
+                          source=source, timings_ms=tuple((int(r), tuple((k, float(v)) for k, v in t.items()))
+                                                          for r, t in d.get("timings_ms", {}).items()))
+
+
+def choose(timings: Mapping[int, Mapping[str, float]], layouts: Mapping[str, str]
+           ) -> tuple[str, tuple[tuple[int, str], ...]]:
+    """(layout, kernel ranges) from seconds per (row count, kernel); a kernel missing at a row count lost there.
+
+    The weight is held in one layout; per layout, each row count runs its fastest kernel, and the layout whose
+    mean slowdown against the overall best per row count is lowest wins (ties: the first layout listed)."""
+    rows = sorted(timings)
+    if not rows:
+        raise ValueError("no timings to choose from")
+    best = {r: min(timings[r].values()) for r in rows}
+    picks: dict[str, list[str]] = {}
+    score: dict[str, float] = {}
+    for layout in dict.fromkeys(layouts.values()):
+        names = [k for k, lay in layouts.items() if lay == layout]
+        per_row = [min(names, key=lambda k, r=r: timings[r].get(k, math.inf)) for r in rows]
+        if any(math.isinf(timings[r].get(k, math.inf)) for r, k in zip(rows, per_row, strict=True)):
+            continue
+        picks[layout] = per_row
+        score[layout] = sum(timings[r][k] / best[r] for r, k in zip(rows, per_row, strict=True)) / len(rows)
+    if not score:
+        raise ValueError("no layout has a timing at every row count")
+    layout = min(score, key=score.__getitem__)
+    ranges: list[tuple[int, str]] = []
+    for i, kernel in enumerate(picks[layout]):
+        first = 1 if i == 0 else math.isqrt(rows[i - 1] * rows[i]) + 1
+        if not ranges or ranges[-1][1] != kernel:
+            ranges.append((first, kernel))
+    return layout, tuple(ranges)
+
+
+def measure(shape: tuple[int, int], dtype: torch.dtype, candidates: list[Candidate],
+            rows: tuple[int, ...] = MEASURED_ROWS, calls: int = CALLS) -> dict[int, dict[str, float]]:
+    """Seconds of the fastest of about `calls` calls (see CALLS) of each candidate at each row count, after one
+    warm-up call.
+
+    The weights are random [out, in] copies, each call reading the next copy of its layout, so the weight
+    comes from DRAM as in serving; candidates take turns, so load from other processes hits them alike, and
+    the fastest call is the one least disturbed by it."""
+    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    copies = max(2, min(MAX_COPIES, -(-STREAM_BYTES // nbytes)))
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        w = torch.full(shape, 0.01, dtype=dtype)  # GEMM time does not depend on the values
+        plain = [w] + [w.clone() for _ in range(copies - 1)]
+        weights = {lay: [prep(c) for c in plain] for lay, prep in {c.layout: c.prepare for c in candidates}.items()}
+        turn = dict.fromkeys(weights, 0)
+        active = list(candidates)
+        strikes = dict.fromkeys((c.name for c in candidates), 0)
+        timings: dict[int, dict[str, float]] = {}
+        for n in rows:
+            x = torch.empty(n, shape[1]).uniform_(-1, 1, generator=g).to(dtype)
+            t = dict.fromkeys((c.name for c in active), math.inf)
+            start = time.perf_counter()
+            for i in range(MAX_CALLS + 1):
+                took = time.perf_counter() - start
+                if i > calls and took > MIN_ROW_SECONDS or i > 2 and took > MAX_ROW_SECONDS:
+                    break
+                for c in active:
+                    wc = weights[c.layout][turn[c.layout] % copies]
+                    turn[c.layout] += 1
+                    t0 = time.perf_counter()
+                    c.run(x, wc)
+                    if i:  # the first call builds the kernel for this shape
+                        t[c.name] = min(t[c.name], time.perf_counter() - t0)
+            timings[n] = t
+            fastest = min(t.values())
+            for c in active:
+                strikes[c.name] = strikes[c.name] + 1 if t[c.name] > DROP_FACTOR * fastest else 0
+            active = [c for c in active if strikes[c.name] < 2]
+    return timings
+
+
+def plan_by_measuring(shape: tuple[int, int], dtype: torch.dtype, candidates: list[Candidate],
+                      threads: int) -> KernelPlan:
+    timings = measure(shape, dtype, candidates)
+    layout, kernels = choose(timings, {c.name: c.layout for c in candidates})
+    ms = tuple((r, tuple((k, round(s * 1e3, 4)) for k, s in t.items())) for r, t in sorted(timings.items()))
+    return KernelPlan(dtype=dtype_name(dtype), shape=shape, threads=threads, layout=layout, kernels=kernels,
+                      source="measured", timings_ms=ms)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def cpu_identity() -> tuple[str, tuple[str, ...]]:
+    """(model name, which of CPU_FLAGS it has): what the cache is keyed on, and what `bench` prints."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return name, tuple(f for f in CPU_FLAGS if f in flags)
+
+
+def describe_cpu() -> str:
+    name, flags = cpu_identity()
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    return f"{name}; {' '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}" + (
+        f" (no {', '.join(missing)})" if missing and flags else "")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expertmesh" / "kernels"
+
+
+def cache_path(dtype: str, shape: tuple[int, int], threads: int, candidates: list[str]) -> Path:
+    name, flags = cpu_identity()
+    key = {"scheme": SCHEME, "cpu": name, "flags": list(flags), "torch": torch.__version__, "dtype": dtype,
+           "shape": list(shape), "threads": threads, "candidates": sorted(candidates)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"{dtype}-{shape[0]}x{shape[1]}-t{threads}-{digest}.json"
+
+
+class DamagedPlan(ValueError):
+    pass
+
+
+def read_plan(path: Path, valid: set[str]) -> KernelPlan | None:
+    """The plan in `path`, None when there is none; DamagedPlan when it cannot be read or names kernels this
+    process does not have."""
+    try:
+        plan = KernelPlan.from_json(json.loads(path.read_text()), "cache")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DamagedPlan(f"kernel plan {path} is unreadable ({e})") from e
+    if not {k for _, k in plan.kernels} <= valid:
+        raise DamagedPlan(f"kernel plan {path} names kernels not available here")
+    return plan
+
+
+def publish(path: Path, plan: KernelPlan) -> bool:
+    """Write `plan` to `path` unless a file is there already (first writer wins); False if it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        tmp.write_text(json.dumps(plan.to_json(), indent=1))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot write kernel plan %s (%s)", path, e)
+        return False
+    return True
+
+
+def cached_plan(shape: tuple[int, int], dtype: torch.dtype, candidates: list[Candidate], threads: int,
+                fixed: Callable[[], KernelPlan]) -> KernelPlan:
+    """This machine's plan for the shape and dtype: from the cache, else measured and published (adopting
+    whichever file won), else `fixed()` when the cache cannot be written or holds a damaged file (which is
+    left for the user to delete: replacing it could race with another process doing the same)."""
+    valid = {c.name for c in candidates}
+    path = cache_path(dtype_name(dtype), shape, threads, sorted(valid))
+    try:
+        plan = read_plan(path, valid)
+        if plan is not None:
+            return plan
+        t0 = time.perf_counter()
+        measured = plan_by_measuring(shape, dtype, candidates, threads)
+        log.info("measured kernels in %.2f s: %s", time.perf_counter() - t0, measured.describe())
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if busy > (os.cpu_count() or 1):
+            log.warning("kernels for %s measured with load average %.1f on %d CPUs: timings may not hold on a "
+                        "quiet machine; delete %s to measure again", measured.describe(), busy,
+                        os.cpu_count() or 1, path)
+        if not publish(path, measured):
+            return fixed()
+        adopted = read_plan(path, valid)
+    except DamagedPlan as e:
+        log.warning("%s; running the fixed kernels (delete the file to measure again)", e)
+        return fixed()
+    if adopted is None:
+        return fixed()
+    same = (adopted.layout, adopted.kernels) == (measured.layout, measured.kernels)
+    return measured if same else adopted  # another process's file won: run its choice
+
+
+def parse_setting(text: str | None, kernels: Mapping[str, set[str]]) -> dict[str, str] | str:
+    """EXPERTMESH_KERNELS: "measure" (unset too), "fixed", or {dtype: kernel} for `dtype=kernel,...`."""
+    text = (text or "").strip()
+    if text in ("", "measure", "fixed"):
+        return text or "measure"
+    chosen: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, kernel = (s.strip() for s in part.partition("="))
+        dtype = DTYPE_NAMES.get(key)
+        if not sep or dtype is None:
+            raise ValueError(f"{ENV}={text!r}: expected 'measure', 'fixed' or dtype=kernel pairs like "
+                             f"'bfloat16=onednn_packed,float32=aten' (dtypes: {', '.join(kernels)})")
+        if kernel not in kernels[dtype]:
+            raise ValueError(f"{ENV}={text!r}: kernel {kernel!r} for {dtype} is not available here "
+                             f"(available: {', '.join(sorted(kernels[dtype]))})")
+        chosen[dtype] = kernel
+    return chosen
