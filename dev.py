@@ -39,6 +39,18 @@ def ensure_venv() -> None:
     stamp.write_text(want)
 
 
+def ensure_iproute2() -> None:
+    """iproute2's `ip` for the two-node network-namespace test (best effort as ensure_prometheus; it skips without)."""
+    if shutil.which("ip") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        sh("apt-get", "update", "-qq", env=env)
+        sh("apt-get", "install", "-y", "-qq", "--no-install-recommends", "iproute2", env=env)
+    except subprocess.CalledProcessError as e:
+        print(f"could not install iproute2 ({e}); the network-namespace test will skip", file=sys.stderr)
+
+
 def ensure_prometheus() -> None:
     """Debian's prometheus server for the metrics integration test (best effort: that test skips without it)."""
     if shutil.which("prometheus") or Path("/usr/bin/prometheus").exists():
@@ -62,6 +74,7 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if argv[0] == "test":
         ensure_prometheus()
+        ensure_iproute2()
         lint = subprocess.run([str(VENV / "bin" / "ruff"), "check", "."], cwd=ROOT, env=env)
         if lint.returncode != 0:  # lint is part of the test: a lint failure fails the run before pytest
             print("ruff check . failed; fix the findings above (tests not run)", file=sys.stderr)

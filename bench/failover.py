@@ -70,7 +70,7 @@ def run_failover_bench(cfg: FailoverBench, log: Callable[[str], None]) -> list[d
                              "replaced": controller.replacements - restarts,
                              "duration_s": round(r["duration"], 1), "output_tok_s": round(r["output_throughput"], 1),
                              "p99_itl_ms": round(r["p99_itl_ms"], 1), "p99_e2el_ms": round(r["p99_e2el_ms"], 1),
-                             "failure_reasons": r["failure_reasons"]})
+                             **({"failure_reasons": r["failure_reasons"]} if r["failure_reasons"] else {})})
                 log(json.dumps(rows[-1]))
 
             def resume_row(name: str) -> None:

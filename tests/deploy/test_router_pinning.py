@@ -1,7 +1,7 @@
 """`--router-resource` (KubeRay's head offers `expertmesh_router: 1`): on a simulated 2-node cluster (fake GPUs) the
-router lands on the node offering the resource and keeps its GPU there (its group is placed before the
-workers', which could otherwise take it); a resource no node offers is a clear error. In a subprocess: the test
-session already owns a Ray."""
+router lands on the node offering the resource and keeps its GPU there: with the RayJob's SPREAD its group is
+placed before the workers', one of which would otherwise take that GPU first and leave the router unplaceable. A
+resource no node offers is a clear error. In a subprocess: the test session already owns a Ray."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def test_bf16_loading_close_to_hf_bf16(tmp_path):
     ref = hf_logits(hf.to(torch.bfloat16), ids)
     kv = ours.new_kv_cache(1, 16)
     logits = ours.logits(ours.forward(torch.tensor(ids), AttentionBatch.build([([0], 16, 16)], 16, None), kv))
-    assert_rows_close(logits, ref, rtol=5e-2)
+    assert_rows_close(logits, ref, rtol=2e-2)  # every position; 6e-3 measured (bf16 keeps 8 significant bits)
 
 
 BF16_RESOLUTION = 2.0 ** -7  # bf16 keeps 8 significant bits: a logit near the row's largest moves by up to this
