@@ -3,6 +3,8 @@
 `serve` names its worker actors "expertmesh-<cluster>-<worker id>-<n>" in the "expertmesh" Ray namespace; the
 killer joins the serve's Ray cluster (its GCS address, printed by serve as `ray: ...`), lists those names and
 `ray.kill`s one at random: the process exits at once, as with `kill -9`, and the serve's controller replaces it.
+A Ray that wants a token (Ray's default for a local cluster) needs RAY_AUTH_MODE=token, and the token in
+RAY_AUTH_TOKEN or ~/.ray/auth_token (where the serve's embedded Ray wrote it, on the same machine).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import ray
 
 from cluster.deployment import WORKER_NAMESPACE
+from cluster.ray_runtime import check_ray_auth
 
 WORKER_PREFIX = "expertmesh-"
 PING_TIMEOUT_S = 2.0
@@ -40,6 +43,7 @@ class WorkerKiller:
             return
         if not self.ray_address:
             raise ValueError("--ray-address: needed with --kill-worker-every (serve prints it as `ray: HOST:PORT`)")
+        check_ray_auth(self.ray_address)  # RayAuthError: one line on RAY_AUTH_MODE / RAY_AUTH_TOKEN
         ray.init(address=self.ray_address, namespace=WORKER_NAMESPACE, log_to_driver=False)
 
     def workers(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,4 +85,11 @@ def attach(controller, cluster, settings: PlacementSettings):
 
     rebalancer = Rebalancer(cluster, settings.rebalance, settings.autoscale)
     controller.hooks.append(lambda _controller: rebalancer.tick())
+    log = logging.getLogger("cluster.rebalance")
+    if not log.handlers:  # serve configures no logging, and its one line per rebalance is INFO
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     return rebalancer

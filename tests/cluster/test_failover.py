@@ -23,7 +23,7 @@ from tests.model.hf_reference import write_hf_checkpoint
 
 DISPATCH_TIMEOUT_S = 3.0
 PROMPTS = [[5 + i, 17, 3 * i + 1, 250 - i, 42, 7] for i in range(8)]
-MAX_TOKENS = 96
+MAX_TOKENS = 64
 LONG_PROMPT = [(7 * i) % 290 + 3 for i in range(440)]
 
 

@@ -19,6 +19,7 @@ from cluster.deployment import ClusterConfig, ExpertCluster
 from cluster.rebalance import RebalanceConfig, window_between
 from cluster.rebalance_flags import PlacementSettings, attach
 from model.random_checkpoint import write_checkpoint
+from router.remote_experts import split_rows
 from router.scheduler import EngineConfig
 from router.server import ServerConfig
 from tests.scrape import by, scrape, total
@@ -168,3 +169,10 @@ def test_replicas_rebalance_and_autoscale_under_load(served):
     assert len(infos) == 3 and all(len(i["pairs"]) >= 1 for i in infos)
     hosted = sorted(tuple(p) for i in infos for p in i["pairs"])
     assert hosted == sorted(p for k, v in cluster.table.replicas.items() for p in [k] * len(v))
+
+
+def test_the_rounding_remainder_rotates_over_replicas():
+    """A decode step sends a hot expert a few rows: the leftover row must not always go to one replica."""
+    got = [split_rows(0, 1, ["a", "b", "c"], rotate=r) for r in range(3)]
+    assert sorted(g[0][0] for g in got) == ["a", "b", "c"] and all(g[0][1:] == (0, 1) for g in got)
+    assert split_rows(4, 7, ["a", "b"], rotate=1) == [("b", 4, 3), ("a", 7, 4)]

@@ -253,3 +253,44 @@ def test_serve_keeps_the_api_key_out_of_argv_environ_and_output(tmp_path):
     text = "".join(out) + "".join(err)
     assert key not in text
     assert "--api-key shows the key" in text  # the warning, on stderr
+
+
+def test_api_key_sources(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cluster.serve_secrets import API_KEY_ENV, resolve_api_key, strip_api_key
+
+    assert strip_api_key(["serve", "--api-key", "k1", "--port", "1", "--api-key=k2"]) == (["serve", "--port", "1"],
+                                                                                         "k2")
+    (tmp_path / "key").write_text("from-file\n")
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert resolve_api_key(SimpleNamespace(api_key=None, api_key_file=str(tmp_path / "key"))) == "from-file"
+    assert API_KEY_ENV not in os.environ  # so that Ray's processes, started after, do not inherit it
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert resolve_api_key(SimpleNamespace(api_key=None, api_key_file=None)) == "from-env"
+    with pytest.raises(ValueError, match="give one"):
+        resolve_api_key(SimpleNamespace(api_key="k", api_key_file=str(tmp_path / "key")))
+    with pytest.raises(ValueError, match="--api-key-file: cannot read"):
+        resolve_api_key(SimpleNamespace(api_key=None, api_key_file=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="--metrics-auth: needs an API key"):
+        ServerConfig(metrics_auth=True)
+
+
+def test_standalone_worker_reads_its_secret_from_the_environment(mixtral_dir):
+    env = {**os.environ, "EXPERTMESH_GRPC_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "workers.standalone", "--model", str(mixtral_dir), "--experts",
+                             "1,3", "--worker-id", "alone"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("PORT "), proc.stderr.read()[-2000:] if proc.poll() is not None else line
+        with grpc.insecure_channel(f"127.0.0.1:{int(line.split()[1])}") as ch:
+            stub = expert_pb2_grpc.ExpertServiceStub(ch)
+            assert code_of(lambda: stub.Info(expert_pb2.InfoRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+            md = ((SECRET_METADATA_KEY, SECRET),)
+            assert stub.Info(expert_pb2.InfoRequest(), timeout=10, metadata=md).worker_id == "alone"
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert SECRET.encode() not in f.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
