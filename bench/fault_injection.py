@@ -10,6 +10,7 @@ RAY_AUTH_TOKEN or ~/.ray/auth_token (where the serve's embedded Ray wrote it, on
 from __future__ import annotations
 
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ class WorkerKiller:
             return
         if not self.ray_address:
             raise ValueError("--ray-address: needed with --kill-worker-every (serve prints it as `ray: HOST:PORT`)")
+        host, _, port = self.ray_address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=PING_TIMEOUT_S * 2).close()
+        except (OSError, ValueError):
+            raise ValueError(f"--ray-address: no Ray GCS answers at {self.ray_address!r} (expected the HOST:PORT "
+                             "that serve prints as `ray: ...`)") from None
         check_ray_auth(self.ray_address)  # RayAuthError: one line on RAY_AUTH_MODE / RAY_AUTH_TOKEN
         ray.init(address=self.ray_address, namespace=WORKER_NAMESPACE, log_to_driver=False)
 

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
@@ -130,20 +131,11 @@ class Controller:
         t0 = time.monotonic()
         # a replacement can take up to its placement timeout plus an actor start: hold the router's lease that long
         self._heartbeat(c.cfg.replace_timeout_s + READY_TIMEOUT_S)
-        replaced = []
         for wid, reason in sorted(failed.items()):
             log.warning("expert worker %s (%s) failed: %s; replacing it", wid, c.slots[wid].address or "-", reason)
-            try:
-                address = c.replace_worker(wid)
-            except PlacementError as e:
-                log.error("cannot replace expert worker %s: %s", wid, e)
-                _call_router(c, "give_up", f"cannot replace expert worker {wid}: {e}")
-                continue
-            except ray.exceptions.RayError as e:  # the new actor died while starting: next tick tries again
-                log.error("replacement of expert worker %s failed: %s", wid, str(e).splitlines()[0])
-                continue
-            self._pings.pop(wid, None)
-            replaced.append((wid, address))
+        with ThreadPoolExecutor(max_workers=len(failed)) as pool:  # several at once start side by side
+            results = list(pool.map(self._replace, sorted(failed)))
+        replaced = [(wid, address) for wid, address in results if address is not None]
         if replaced:
             c.push_table()
             self.replacements += len(replaced)
@@ -151,6 +143,20 @@ class Controller:
             log.warning("expert plane repaired in %.2f s: %s", self.last_repair_s,
                         ", ".join(f"{w} now at {a}" for w, a in replaced))
         self._heartbeat(self.cfg.lease_s)
+
+    def _replace(self, wid: str) -> tuple[str, str | None]:
+        c = self.cluster
+        try:
+            address = c.replace_worker(wid)
+        except PlacementError as e:
+            log.error("cannot replace expert worker %s: %s", wid, e)
+            _call_router(c, "give_up", f"cannot replace expert worker {wid}: {e}")
+            return wid, None
+        except ray.exceptions.RayError as e:  # the new actor died while starting: the next tick tries again
+            log.error("replacement of expert worker %s failed: %s", wid, str(e).splitlines()[0])
+            return wid, None
+        self._pings.pop(wid, None)
+        return wid, address
 
     def _restart_router(self, error: Exception) -> None:
         log.error("router actor died (%s); recreating it", type(error).__name__)

@@ -9,6 +9,7 @@ target node, the first group's node (PACK) or a node not used yet (SPREAD); the 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class ExpertCluster:
         self._next_worker = cfg.num_workers
         self._cluster_id = uuid.uuid4().hex[:8]
         self._actors_started = 0
+        self._lock = threading.Lock()  # replacements may run side by side (the controller's threads)
         try:
             for w in range(cfg.num_workers):
                 self.slots[f"worker-{w}"] = WorkerSlot(f"worker-{w}", self.plan.pairs(w))
@@ -156,8 +158,9 @@ class ExpertCluster:
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0), **named)
 
     def _start_worker(self, slot: WorkerSlot):
-        self._actors_started += 1
-        name = f"expertmesh-{self._cluster_id}-{slot.worker_id}-{self._actors_started}"
+        with self._lock:
+            self._actors_started += 1
+            name = f"expertmesh-{self._cluster_id}-{slot.worker_id}-{self._actors_started}"
         return self._options(ExpertWorkerActor, slot.pg, self.cfg.worker_cpus, name=name,
                              namespace=WORKER_NAMESPACE).remote(
             self.cfg.model_dir, slot.pairs, self.cfg.dtype, slot.worker_id, host=self.cfg.bind_host,
