@@ -59,9 +59,12 @@ class Controller:
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop ticking; a step the router still holds for a repair fails now (503) rather than at the lease's end."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.cluster.router is not None:
+            _call_router(self.cluster, "give_up", "the server is shutting down")
 
     def _run(self) -> None:
         while not self._stop.wait(self.cfg.interval_s):

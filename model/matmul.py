@@ -70,11 +70,12 @@ def onednn_fp32_available() -> bool:
 
 
 def row_bucket(n: int) -> int:
-    """The row count a product of n rows runs with: n up to 16, then multiples of 16 up to 128, of 32 up to
-    512 and of 128 beyond (at most 15, 31 or 127 padded rows; 35 buckets up to 512 rows)."""
+    """The row count a product of n rows runs with: n up to 16, then multiples of 8 up to 64 (a decode batch's
+    rows per expert: padding them to 16 cost up to 1.5x), of 16 up to 128, of 32 up to 512 and of 128 beyond
+    (38 buckets up to 512 rows)."""
     if n <= 16:
         return n
-    step = 16 if n <= 128 else 32 if n <= 512 else 128
+    step = 8 if n <= 64 else 16 if n <= 128 else 32 if n <= 512 else 128
     return -(-n // step) * step
 
 
