@@ -3,8 +3,10 @@
 For one weight shape, dtype and torch thread count, `measure` times every candidate kernel (`model/matmul.py`
 lists them) at a few row counts, on copies of the real weight that together exceed the last-level cache (so
 the weights stream from DRAM, as when a layer's experts run), candidates interleaved so machine load hits
-them alike. `choose` keeps one weight layout (one copy in memory): per layout the fastest of its kernels at
-each row count, the layout with the lowest mean slowdown against the best kernel at each row count winning.
+them alike. `choose` keeps one kernel per weight (one layout, one copy in memory), at every row count: the
+row-invariant kernel with the lowest mean slowdown against the best kernel at each row count. So a row's
+result never depends on how many rows share its product: splitting an expert's rows over replicas, two
+micro-batches or the engine's bisection change no bit.
 
 Bit-exactness: the kernels give different bits, so every process on a machine must run the same plan (the
 in-process model and the expert workers compare bit for bit). The plan is cached per (CPU model and flags,
@@ -28,7 +30,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 ENV = "EXPERTMESH_KERNELS"
-SCHEME = 2  # bump when kernels or the measurement change meaning: old cache files are then ignored
+SCHEME = 4  # bump when kernels or the measurement change meaning: old cache files are then ignored
 MEASURED_ROWS = (1, 4, 16, 64)  # each covers the row counts up to the geometric midpoint with the next
 STREAM_BYTES = 64 << 20  # weight copies timed in turn: more than a last-level cache holds
 MAX_COPIES = 8
@@ -60,6 +62,7 @@ class Candidate:
     layout: str
     prepare: Callable[[Tensor], Tensor]
     run: Kernel
+    row_invariant: bool = True  # a row's result is the same whatever the product's row count
 
 
 @dataclass(frozen=True)
@@ -99,34 +102,26 @@ class KernelPlan:
                                                           for r, t in d.get("timings_ms", {}).items()))
 
 
-def choose(timings: Mapping[int, Mapping[str, float]], layouts: Mapping[str, str]
-           ) -> tuple[str, tuple[tuple[int, str], ...]]:
+def choose(timings: Mapping[int, Mapping[str, float]], layouts: Mapping[str, str],
+           row_invariant: Collection[str] | None = None) -> tuple[str, tuple[tuple[int, str], ...]]:
     """(layout, kernel ranges) from seconds per (row count, kernel); a kernel missing at a row count lost there.
 
-    The weight is held in one layout; per layout, each row count runs its fastest kernel, and the layout whose
-    mean slowdown against the overall best per row count is lowest wins (ties: the first layout listed)."""
+    One kernel per weight, at every row count: the one whose mean slowdown against the best per row count is
+    lowest (ties: the first listed), among those timed at every row count and, where any is, among the
+    `row_invariant` kernels (a row's result does not depend on how many rows share the product). With one
+    row-invariant kernel, splitting a product's rows (replicas, micro-batches, the engine's bisection) changes
+    no bit; mixing kernels by row count would."""
     rows = sorted(timings)
     if not rows:
         raise ValueError("no timings to choose from")
     best = {r: min(timings[r].values()) for r in rows}
-    picks: dict[str, list[str]] = {}
-    score: dict[str, float] = {}
-    for layout in dict.fromkeys(layouts.values()):
-        names = [k for k, lay in layouts.items() if lay == layout]
-        per_row = [min(names, key=lambda k, r=r: timings[r].get(k, math.inf)) for r in rows]
-        if any(math.isinf(timings[r].get(k, math.inf)) for r, k in zip(rows, per_row, strict=True)):
-            continue
-        picks[layout] = per_row
-        score[layout] = sum(timings[r][k] / best[r] for r, k in zip(rows, per_row, strict=True)) / len(rows)
-    if not score:
-        raise ValueError("no layout has a timing at every row count")
-    layout = min(score, key=score.__getitem__)
-    ranges: list[tuple[int, str]] = []
-    for i, kernel in enumerate(picks[layout]):
-        first = 1 if i == 0 else math.isqrt(rows[i - 1] * rows[i]) + 1
-        if not ranges or ranges[-1][1] != kernel:
-            ranges.append((first, kernel))
-    return layout, tuple(ranges)
+    complete = [k for k in layouts if all(k in timings[r] for r in rows)]
+    if not complete:
+        raise ValueError("no kernel has a timing at every row count")
+    invariant = [k for k in complete if row_invariant is None or k in row_invariant]
+    pool = invariant or complete
+    kernel = min(pool, key=lambda k: sum(timings[r][k] / best[r] for r in rows))
+    return layouts[kernel], ((1, kernel),)
 
 
 def measure(shape: tuple[int, int], dtype: torch.dtype, candidates: list[Candidate],
@@ -167,14 +162,17 @@ def measure(shape: tuple[int, int], dtype: torch.dtype, candidates: list[Candida
             fastest = min(t.values())
             for c in active:
                 strikes[c.name] = strikes[c.name] + 1 if t[c.name] > DROP_FACTOR * fastest else 0
-            active = [c for c in active if strikes[c.name] < 2]
+            # the fastest row-invariant kernel stays timed: `choose` prefers it to faster row-dependent ones
+            keep = min((c for c in active if c.row_invariant), key=lambda c: t[c.name], default=None)
+            active = [c for c in active if strikes[c.name] < 2 or c is keep]
     return timings
 
 
 def plan_by_measuring(shape: tuple[int, int], dtype: torch.dtype, candidates: list[Candidate],
                       threads: int) -> KernelPlan:
     timings = measure(shape, dtype, candidates)
-    layout, kernels = choose(timings, {c.name: c.layout for c in candidates})
+    layout, kernels = choose(timings, {c.name: c.layout for c in candidates},
+                             {c.name for c in candidates if c.row_invariant})
     ms = tuple((r, tuple((k, round(s * 1e3, 4)) for k, s in t.items())) for r, t in sorted(timings.items()))
     return KernelPlan(dtype=dtype_name(dtype), shape=shape, threads=threads, layout=layout, kernels=kernels,
                       source="measured", timings_ms=ms)

@@ -13,7 +13,9 @@ and the kernel per row count. The candidates, per dtype (those that run on this 
 - torch._grouped_mm exists on CPU in torch 2.13 but runs each group as a plain mm: 1.5-2x slower than
   `onednn_packed` at 1-16 rows per expert on the AVX512-BF16 EPYC (bench shapes), so it is not a candidate.
 The `fixed` plan (EXPERTMESH_KERNELS=fixed, or where the plan cache cannot be written) is the pre-measurement
-default: fp32 `onednn_packed`, bf16 `aten` below BF16_CPU_UPCAST_ROWS rows and `upcast` from there.
+default: fp32 `onednn_packed`, bf16 `upcast` (the fastest from 6 rows on the AVX2-only EPYC, and row-invariant).
+A plan runs one kernel at every row count, a row-invariant one wherever there is one (all but fp32 `aten`), so
+a row's bits never depend on how many rows share its product (see kernel_choice.choose).
 On CUDA, and for other dtypes, `prepare_weight` leaves the weight as it is and `linear` is F.linear.
 
 Bit-exactness contracts: every kernel is deterministic for a given (weight, padded row count, thread count), so
@@ -41,7 +43,6 @@ import torch.nn.functional as F
 
 from .kernel_choice import ENV, Candidate, Kernel, KernelPlan, cached_plan, dtype_name, parse_setting
 
-BF16_CPU_UPCAST_ROWS = 6
 # oneDNN picks its blocked weight layout for an expected row count; measured fine from 1 to 1024 rows.
 PACK_ROWS_HINT = 16
 UPCAST_BLOCK_BYTES = 4 << 20
@@ -103,7 +104,8 @@ def candidates(dtype: torch.dtype) -> tuple[Candidate, ...]:
     found = []
     if onednn_available(dtype):  # (oneDNN on the plain weight was never faster than one of these, so not timed)
         found.append(Candidate("onednn_packed", "onednn_blocked", _pack, _onednn))
-    found.append(Candidate("aten", "plain", _plain, F.linear))
+    # MKL's fp32 sgemm picks its blocking by row count, so a row's bits depend on its neighbours' count
+    found.append(Candidate("aten", "plain", _plain, F.linear, row_invariant=dtype != torch.float32))
     if dtype == torch.bfloat16:
         found.append(Candidate("upcast", "plain", _plain, _upcast_linear))
     return tuple(found)
@@ -115,7 +117,7 @@ def fixed_plan(dtype: torch.dtype, shape: tuple[int, int], threads: int) -> Kern
         packed = onednn_available(dtype)
         layout, kernels = ("onednn_blocked", ((1, "onednn_packed"),)) if packed else ("plain", ((1, "aten"),))
     else:
-        layout, kernels = "plain", ((1, "aten"), (BF16_CPU_UPCAST_ROWS, "upcast"))
+        layout, kernels = "plain", ((1, "upcast"),)
     return KernelPlan(dtype_name(dtype), shape, threads, layout, kernels, source="fixed")
 
 
@@ -212,7 +214,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | PreparedWeight) -> torch.Tensor:
         return w(x)
     if is_packed(w):
         return _onednn(x.contiguous(), w)
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= BF16_CPU_UPCAST_ROWS:
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2:
         return _upcast_linear(x, w)
     return F.linear(x, w)
 

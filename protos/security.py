@@ -91,12 +91,12 @@ class DataPlaneSecurity:
             else []
 
 
-def secure_channel(address: str, security: DataPlaneSecurity | None, options: list) -> grpc.aio.Channel:
-    """A grpc.aio channel to a worker: TLS when the security says so, else plaintext."""
+def secure_channel(address: str, security: DataPlaneSecurity | None, options: list) -> grpc.Channel:
+    """A (sync) gRPC channel to a worker: TLS when the security says so, else plaintext."""
     creds = security.channel_credentials() if security is not None else None
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, creds, options=[*options, *security.channel_options()])
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, creds, options=[*options, *security.channel_options()])
 
 
 def _unauthenticated(message: str) -> grpc.RpcMethodHandler:

@@ -3,7 +3,8 @@
 For each layer: sort the (token, slot) pairs by expert (as LocalExperts does), split each expert's rows evenly
 over its live replicas (deterministic: replica i of k, counted from a start that rotates with the step and
 expert, gets rows [i*n//k, (i+1)*n//k)), gather each worker's pieces into one request, send every request
-concurrently (grpc.aio), and combine the outputs with the routing weights here: weights never cross the wire.
+concurrently from the calling thread (futures of sync stubs: no hop to an event-loop thread and back),
+and combine the outputs with the routing weights here: weights never cross the wire.
 
 Failover: an RPC that fails (UNAVAILABLE, deadline exceeded, ...) marks its worker's address down and its rows
 go to the experts' other live replicas in the same forward; when an expert has no live replica left the
@@ -13,7 +14,6 @@ forward raises ExpertUnavailableError, which the engine treats as retryable (see
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from model.experts import combine, sort_by_expert
+from model.experts import DispatchOrder, combine, sort_by_expert
 from protos import expert_pb2, expert_pb2_grpc
 from protos.codec import DEFAULT_MAX_MESSAGE_BYTES, GRPC_OPTIONS, decode_tensor, encode_tensor
 from protos.security import DataPlaneSecurity, secure_channel
 
 from .expert_plane import ExpertPlane, ExpertUnavailableError
 
-__all__ = ["DispatchStats", "ExpertCallError", "ExpertUnavailableError", "RemoteExperts", "RoutingTable",
-           "split_rows"]
+__all__ = ["DispatchStats", "ExpertCallError", "ExpertUnavailableError", "PendingLayer", "RemoteExperts",
+           "RoutingTable", "split_rows"]
 log = logging.getLogger(__name__)
 
 # Codes that say the worker (or the way to it) is gone, not that the request was bad: mark it down, go elsewhere.
@@ -127,8 +127,75 @@ class _PeerDown(Exception):
         self.addr, self.reason = addr, reason
 
 
+class _Call:
+    """One Dispatch: its worker, pieces and request; sent either as a future (completed by gRPC's channel
+    thread) or, the last of a round, as a blocking call on the waiting thread (no thread hop at all: at batch 1
+    a layer is often a single Dispatch). t0 when sent, t1 when answered."""
+
+    __slots__ = ("addr", "error", "future", "pieces", "reply", "req", "rows", "stub", "t0", "t1")
+
+    def __init__(self, addr: str, pieces: list[_Piece], req: expert_pb2.DispatchRequest, rows: int, stub):
+        self.addr, self.pieces, self.req, self.rows, self.stub = addr, pieces, req, rows, stub
+        self.future = self.reply = self.error = None
+        self.t0 = self.t1 = 0.0
+
+    def done(self, _future) -> None:
+        self.t1 = time.perf_counter()
+
+    def send(self, timeout_s: float, metadata, block: bool) -> None:
+        self.t0 = time.perf_counter()
+        if not block:
+            self.future = self.stub.Dispatch.future(self.req, timeout=timeout_s, metadata=metadata)
+            self.future.add_done_callback(self.done)
+            return
+        try:
+            self.reply = self.stub.Dispatch(self.req, timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as e:
+            self.error = e
+        self.t1 = time.perf_counter()
+
+    def result(self) -> expert_pb2.DispatchResponse:
+        """The reply; raises grpc.RpcError (or FutureCancelledError) as the call ended."""
+        if self.future is not None:
+            return self.future.result()
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+    def cancel(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
+
+
+@dataclass
+class PendingLayer:
+    """One layer's dispatch in flight: what `RemoteExperts.wait` needs to collect and combine it."""
+
+    layer: int
+    table: RoutingTable  # the table its forward started with
+    plan: DispatchOrder
+    x_sorted: torch.Tensor  # [T*k, D] the rows sent, sorted by expert
+    weights: torch.Tensor  # [T, k] routing weights (never sent)
+    num_tokens: int
+    device: torch.device
+    calls: list[_Call] = field(default_factory=list)
+
+
+def _adjacent(pieces: list[_Piece]) -> bool:
+    return all(a.start + a.n == b.start for a, b in zip(pieces, pieces[1:], strict=False))
+
+
+def _covers(pieces: list[_Piece], rows: int) -> bool:
+    """The pieces are rows [0, rows) in order."""
+    return bool(pieces) and pieces[0].start == 0 and _adjacent(pieces) and pieces[-1].start + pieces[-1].n == rows
+
+
 class RemoteExperts:
-    """ExpertBackend that calls expert workers; usable from any thread (gRPC runs on its own loop thread)."""
+    """ExpertBackend that calls expert workers; usable from any thread.
+
+    Dispatch runs on the calling thread: sync gRPC stubs, one `.future()` Dispatch per worker issued at once, then
+    waited for (no hop to another thread and back per layer). `submit` + `wait` split a layer's dispatch so the
+    caller can compute something else (the other micro-batch's attention) while the workers run experts."""
 
     def __init__(self, table: RoutingTable, num_experts: int, timeout_s: float = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security: DataPlaneSecurity | None = None):
@@ -145,17 +212,13 @@ class RemoteExperts:
         self._listeners: list[DispatchListener] = []
         self._local = threading.local()  # per forward thread: the table its forward started with
         self._swap_lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="expert-dispatch", daemon=True)
-        self._thread.start()
         self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._run(self._connect(table.addresses()))
+        self._channels: dict[str, grpc.Channel] = {}
+        self._timers: list[threading.Timer] = []  # pending closes of channels a swap left unused
+        self._closed = False
+        self._connect(table.addresses())
 
-    def _run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    async def _connect(self, addresses: list[str]) -> None:
+    def _connect(self, addresses: list[str]) -> None:
         for addr in addresses:
             if addr not in self._stubs:
                 ch = secure_channel(addr, self.security, GRPC_OPTIONS(self.max_message_bytes))
@@ -166,7 +229,7 @@ class RemoteExperts:
 
     def add_listener(self, fn: DispatchListener) -> None:
         """fn(layer, address, experts, counts, seconds, bytes_sent, bytes_received) after each answered
-        Dispatch, on the dispatch loop thread (keep it cheap)."""
+        Dispatch, on the forward's thread (keep it cheap)."""
         self._listeners.append(fn)
 
     def remove_listener(self, fn: DispatchListener) -> None:
@@ -177,25 +240,28 @@ class RemoteExperts:
         """Connect to the table's new addresses, then make it the table of every forward that starts from now
         on (one in flight finishes on its own table); channels no longer used close after close_grace_s
         (default: the Dispatch deadline), so an in-flight forward is never cut off by the swap itself."""
-        self._run(self._connect(table.addresses()), timeout=30)
         with self._swap_lock:
+            self._connect(table.addresses())
             old = self.table
             self.table = table
             self.plane.swapped()
-        gone = set(old.addresses()) - set(table.addresses())
-        if gone:
-            grace = self.timeout_s if close_grace_s is None else close_grace_s
-            self._loop.call_soon_threadsafe(self._loop.call_later, grace,
-                                            lambda: self._loop.create_task(self._close(gone)))
+            gone = set(old.addresses()) - set(table.addresses())
+            if gone and not self._closed:
+                grace = self.timeout_s if close_grace_s is None else close_grace_s
+                timer = threading.Timer(grace, self._close, args=(gone,))
+                timer.daemon = True
+                self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+                timer.start()
 
-    async def _close(self, addresses: set[str]) -> None:
-        for addr in addresses:
-            if addr in self.table.addresses():  # back in a newer table
-                continue
-            self._stubs.pop(addr, None)
-            ch = self._channels.pop(addr, None)
-            if ch is not None:
-                await ch.close()
+    def _close(self, addresses: set[str]) -> None:
+        with self._swap_lock:
+            for addr in addresses:
+                if addr in self.table.addresses():  # back in a newer table
+                    continue
+                self._stubs.pop(addr, None)
+                ch = self._channels.pop(addr, None)
+                if ch is not None:
+                    ch.close()
 
     def connected(self) -> list[str]:
         return sorted(self._channels)
@@ -204,38 +270,74 @@ class RemoteExperts:
 
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
-        if layer == 0:
-            self.step += 1  # every forward enters layer 0 first, once
+        return self.wait(self.submit(layer, hidden, expert_ids, weights, defer_last=True))
+
+    def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               first_part: bool = True, defer_last: bool = False) -> PendingLayer:
+        """Send the layer's rows to the workers and return at once; `wait` gives the mixed output [T, D]. A
+        forward enters layer 0 first: that starts a new step on the current table (first_part=False: another
+        micro-batch of the same forward, same step). defer_last: leave the last worker's Dispatch to `wait`,
+        which makes it a blocking call on its own thread (for a caller that waits right away)."""
+        if layer == 0 and first_part:
             with self._swap_lock:
+                self.step += 1
                 self._local.table = self.table
         table = getattr(self._local, "table", None) or self.table
         plan = sort_by_expert(expert_ids, self.num_experts)
-        x_sorted = hidden[plan.token].cpu()
-        y_sorted = torch.empty_like(x_sorted)
-        pending, start = [], 0
+        x_sorted = hidden[plan.token].cpu()  # the one gather; each worker's rows are views of it
+        pieces, start = [], 0
         for e, c in enumerate(plan.counts):
             if c:
-                pending.append(_Piece(e, start, c))
+                pieces.append(_Piece(e, start, c))
             start += c
-        while pending:  # a second round only re-sends the rows of workers found down in the first
-            requests = self._requests(layer, table, pending, x_sorted)
-            results = self._run(self._dispatch_all(layer, requests))
-            pending = []
-            for (addr, pieces, _), out in zip(requests, results, strict=True):
-                if isinstance(out, _PeerDown):
-                    if self.plane.mark_down(out.addr, out.reason):
-                        log.warning("expert worker %s (%s) marked down: %s", table.name_of(addr), addr, out.reason)
-                    pending += pieces
-                    continue
+        pending = PendingLayer(layer, table, plan, x_sorted, weights, hidden.shape[0], hidden.device)
+        pending.calls = self._issue(layer, table, pieces, x_sorted)
+        for call in pending.calls[:-1] if defer_last else pending.calls:
+            if call.stub is not None:
+                call.send(self.timeout_s, self.call_metadata, block=False)
+        return pending
+
+    def wait(self, pending: PendingLayer) -> torch.Tensor:
+        """The layer's expert mix [T, D]; rows of workers found down are re-sent to live replicas first."""
+        layer, x_sorted = pending.layer, pending.x_sorted
+        calls, parts = pending.calls, []
+        try:
+            while calls:  # a second round only re-sends the rows of workers found down in the first
+                for call in calls:
+                    if call.stub is not None and call.t0 == 0.0:  # not sent yet: the deferred last call
+                        call.send(self.timeout_s, self.call_metadata, block=True)
+                resend = []
+                for call, out in zip(calls, self._collect(layer, calls), strict=True):
+                    if isinstance(out, _PeerDown):
+                        if self.plane.mark_down(out.addr, out.reason):
+                            log.warning("expert worker %s (%s) marked down: %s", pending.table.name_of(out.addr),
+                                        out.addr, out.reason)
+                        resend += call.pieces
+                    else:
+                        parts.append((call.pieces, out))
+                calls = self._issue(layer, pending.table, resend, x_sorted) if resend else []
+                for call in calls[:-1]:
+                    if call.stub is not None:
+                        call.send(self.timeout_s, self.call_metadata, block=False)
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        if len(parts) == 1 and _covers(parts[0][0], x_sorted.shape[0]):
+            y_sorted = parts[0][1]  # one worker answered every row, in order: its reply is the sorted output
+        else:
+            y_sorted = torch.empty_like(x_sorted)
+            for pieces, out in parts:
                 offset = 0
                 for p in pieces:
                     y_sorted[p.start:p.start + p.n] = out[offset:offset + p.n]
                     offset += p.n
-        return combine(y_sorted.to(hidden.device), plan, weights, hidden.shape[0])
+        return combine(y_sorted.to(pending.device), pending.plan, pending.weights, pending.num_tokens)
 
-    def _requests(self, layer: int, table: RoutingTable, pending: list[_Piece], x_sorted: torch.Tensor):
-        """[(address, pieces, DispatchRequest)]: one request per worker, unless a re-sent expert's rows land
-        on a worker twice in one round (then that worker gets a second request)."""
+    def _issue(self, layer: int, table: RoutingTable, pending: list[_Piece], x_sorted: torch.Tensor) -> list[_Call]:
+        """One Dispatch per worker, not sent yet (unless a re-sent expert's rows land on a worker twice in one round:
+        then that worker gets a second request); ExpertUnavailableError before sending anything when an expert
+        has no live replica."""
         by_addr: dict[str, list[list[_Piece]]] = {}
         for p in pending:
             reps = table.replicas.get((layer, p.expert), ())
@@ -244,117 +346,123 @@ class RemoteExperts:
                 why = "; ".join(f"{table.name_of(a)} ({a}): {self.plane.down.get(a, '?')}" for a in reps)
                 raise ExpertUnavailableError(f"layer {layer} expert {p.expert}: no live replica "
                                              f"({why or 'no worker hosts it'})")
-            for addr, lo, n in split_rows(p.start, p.n, live, rotate=self.step + p.expert):
+            if len(live) == 1:
+                split = [(live[0], p.start, p.n)]
+            else:
+                split = split_rows(p.start, p.n, live, rotate=self.step + p.expert)
+            for addr, lo, n in split:
                 reqs = by_addr.setdefault(addr, [[]])
                 if any(q.expert == p.expert for q in reqs[-1]):
                     reqs.append([])
                 reqs[-1].append(_Piece(p.expert, lo, n))
-        out = []
+        calls = []
         for addr, groups in by_addr.items():
             for pieces in groups:
-                rows = [x_sorted[p.start:p.start + p.n] for p in pieces]
-                x = rows[0] if len(rows) == 1 else torch.cat(rows)
-                req = expert_pb2.DispatchRequest(layer=layer, expert_ids=[p.expert for p in pieces],
-                                                 counts=[p.n for p in pieces], hidden=encode_tensor(x),
-                                                 step=self.step)
-                out.append((addr, pieces, req))
-        return out
+                calls.append(self._request(layer, addr, pieces, x_sorted))
+        return calls
 
-    async def _dispatch_all(self, layer: int, requests) -> list[torch.Tensor | _PeerDown]:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(self._dispatch_one(layer, a, r) for a, _, r in requests),
-                                       return_exceptions=True)
-        self.stats.wall_seconds += time.perf_counter() - t0
-        outs, compute = [], 0.0
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, _PeerDown):
-                raise r
-            if isinstance(r, _PeerDown):
-                outs.append(r)
-            else:
-                outs.append(r[0])
-                compute = max(compute, r[1])
+    def _request(self, layer: int, addr: str, pieces: list[_Piece], x_sorted: torch.Tensor) -> _Call:
+        if _adjacent(pieces):  # one slice of the sorted rows: a view, no copy before encoding
+            x = x_sorted[pieces[0].start:pieces[-1].start + pieces[-1].n]
+        else:
+            x = torch.cat([x_sorted[p.start:p.start + p.n] for p in pieces])
+        req = expert_pb2.DispatchRequest(layer=layer, expert_ids=[p.expert for p in pieces],
+                                         counts=[p.n for p in pieces], hidden=encode_tensor(x), step=self.step)
+        return _Call(addr, pieces, req, x.shape[0], self._stubs.get(addr))  # stub None: not connected
+
+    def _collect(self, layer: int, calls: list[_Call]) -> list[torch.Tensor | _PeerDown]:
+        """Wait for every call of a round; the outputs (or _PeerDown) in call order, stats and listeners
+        updated. A worker's refusal (INVALID_ARGUMENT, INTERNAL, ...) raises ExpertCallError."""
+        t0 = min((c.t0 for c in calls if c.stub is not None), default=time.perf_counter())
+        outs, compute, error = [], 0.0, None
+        for c in calls:
+            experts = [p.expert for p in c.pieces]
+            if c.stub is None:
+                outs.append(_PeerDown(c.addr, "not connected"))
+                continue
+            try:
+                reply = c.result()
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+                details = e.details() if isinstance(e, grpc.Call) else str(e)
+                if code in PEER_FAILURE_CODES:
+                    self.stats.failed_rpcs += 1
+                    outs.append(_PeerDown(c.addr, f"Dispatch of layer {layer} experts {experts}: {code.name}: "
+                                                  f"{details}"))
+                else:
+                    error = error or ExpertCallError(f"layer {layer} experts {experts} on worker {c.addr}: "
+                                                     f"{code.name}: {details}")
+                    outs.append(None)
+                continue
+            except grpc.FutureCancelledError:
+                outs.append(_PeerDown(c.addr, f"Dispatch of layer {layer} experts {experts}: cancelled"))
+                continue
+            if c.t1 < c.t0:  # answered, but the future's callback has not run yet
+                c.t1 = time.perf_counter()
+            out = decode_tensor(reply.output, expected_dtype=c.req.hidden.dtype, expected_shape_tail=None)
+            if tuple(out.shape) != tuple(c.req.hidden.shape):
+                error = error or ExpertCallError(f"worker {c.addr} answered shape {list(out.shape)} for "
+                                                 f"{list(c.req.hidden.shape)}")
+            outs.append(out)
+            compute = max(compute, reply.compute_seconds)
+            self._account(layer, c, reply, experts)
+        self.stats.wall_seconds += max((c.t1 for c in calls if c.stub is not None), default=t0) - t0
         self.stats.expert_seconds += compute
+        if error is not None:
+            raise error
         return outs
 
-    async def _dispatch_one(self, layer: int, addr: str, req) -> tuple[torch.Tensor, float]:
-        t0 = time.perf_counter()
-        experts = list(req.expert_ids)
-        stub = self._stubs.get(addr)
-        if stub is None:
-            raise _PeerDown(addr, "not connected")
-        try:
-            reply = await stub.Dispatch(req, timeout=self.timeout_s, metadata=self.call_metadata)
-        except grpc.aio.AioRpcError as e:
-            if e.code() in PEER_FAILURE_CODES:
-                self.stats.failed_rpcs += 1
-                raise _PeerDown(addr, f"Dispatch of layer {layer} experts {experts}: {e.code().name}: "
-                                      f"{e.details()}") from None
-            raise ExpertCallError(f"layer {layer} experts {experts} on worker {addr}: "
-                                  f"{e.code().name}: {e.details()}") from None
-        seconds = time.perf_counter() - t0
-        out = decode_tensor(reply.output, expected_dtype=req.hidden.dtype, expected_shape_tail=None)
-        if tuple(out.shape) != tuple(req.hidden.shape):
-            raise ExpertCallError(f"worker {addr} answered shape {list(out.shape)} for {list(req.hidden.shape)}")
-        s = self.stats
-        tokens = int(req.hidden.shape[0])
-        sent, received = req.ByteSize(), reply.ByteSize()  # whole messages, not just tensor bytes
+    def _account(self, layer: int, c: _Call, reply, experts: list[int]) -> None:
+        s, addr, seconds = self.stats, c.addr, c.t1 - c.t0
+        sent, received = c.req.ByteSize(), reply.ByteSize()  # whole messages, not just tensor bytes
         s.rpcs += 1
-        s.tokens += tokens
+        s.tokens += c.rows
         s.bytes_sent += sent
         s.bytes_received += received
-        s.per_worker_tokens[addr] = s.per_worker_tokens.get(addr, 0) + tokens
+        s.per_worker_tokens[addr] = s.per_worker_tokens.get(addr, 0) + c.rows
         s.per_worker_rpcs[addr] = s.per_worker_rpcs.get(addr, 0) + 1
         s.per_worker_seconds[addr] = s.per_worker_seconds.get(addr, 0.0) + seconds
-        counts = list(req.counts)
+        counts = [p.n for p in c.pieces]
         if self.on_dispatch is not None:
             self.on_dispatch(layer, addr, experts, counts, seconds, sent, received)
         for fn in self._listeners:
             fn(layer, addr, experts, counts, seconds, sent, received)
-        return out, reply.compute_seconds
 
     # ---- probes --------------------------------------------------------------------------------------------
+
+    def _info_all(self, addresses: list[str], timeout_s: float) -> dict[str, expert_pb2.InfoResponse | None]:
+        """Info of each address, asked concurrently; None where not connected, down or not answering in time."""
+        futures = {}
+        for addr in addresses:
+            stub = self._stubs.get(addr)  # None: not connected (or closed by a table swap)
+            if stub is not None:
+                futures[addr] = stub.Info.future(expert_pb2.InfoRequest(), timeout=timeout_s,
+                                                 metadata=self.call_metadata)
+        out: dict[str, expert_pb2.InfoResponse | None] = dict.fromkeys(addresses)
+        for addr, fut in futures.items():
+            try:
+                out[addr] = fut.result()
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                pass
+        return out
 
     def unreachable(self, timeout_s: float = 1.0) -> list[str]:
         """Workers of the table that are marked down or do not answer Info within timeout_s (probed
         concurrently)."""
-        async def probe(addr: str) -> bool:
-            stub = self._stubs.get(addr)
-            if stub is None or self.plane.is_down(addr):
-                return False
-            try:
-                await stub.Info(expert_pb2.InfoRequest(), timeout=timeout_s, metadata=self.call_metadata)
-                return True
-            except grpc.aio.AioRpcError:
-                return False
-
-        async def probe_all() -> list[str]:
-            addrs = self.table.addresses()
-            ok = await asyncio.gather(*(probe(a) for a in addrs))
-            return [a for a, good in zip(addrs, ok, strict=True) if not good]
-
-        return self._run(probe_all(), timeout=timeout_s + 5)
+        addrs = self.table.addresses()
+        answers = self._info_all([a for a in addrs if not self.plane.is_down(a)], timeout_s)
+        return [a for a in addrs if answers.get(a) is None]
 
     def infos(self, addresses: list[str], timeout_s: float = 2.0) -> dict[str, expert_pb2.InfoResponse]:
         """Info of each connected address that answers within timeout_s (asked concurrently); others left out."""
-        async def ask(addr: str):
-            stub = self._stubs.get(addr)  # None: not connected (or closed by a table swap)
-            try:
-                return addr, None if stub is None else await stub.Info(
-                    expert_pb2.InfoRequest(), timeout=timeout_s, metadata=self.call_metadata)
-            except grpc.aio.AioRpcError:
-                return addr, None
-
-        async def ask_all():
-            return await asyncio.gather(*(ask(a) for a in addresses))
-
-        return {a: info for a, info in self._run(ask_all(), timeout=timeout_s + 5) if info is not None}
+        return {a: info for a, info in self._info_all(addresses, timeout_s).items() if info is not None}
 
     def close(self) -> None:
-        async def _close():
-            for ch in list(self._channels.values()):
-                await ch.close()
-        if self._loop.is_running():
-            self._run(_close(), timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        with self._swap_lock:
+            self._closed = True
+            for timer in self._timers:
+                timer.cancel()
+            for ch in self._channels.values():
+                ch.close()
+            self._channels.clear()
+            self._stubs.clear()

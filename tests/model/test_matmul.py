@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from model.experts import ExpertWeights, run_grouped
 from model.matmul import (
-    BF16_CPU_UPCAST_ROWS,
     UPCAST_BLOCK_BYTES,
     PreparedWeight,
     candidates,
@@ -80,7 +79,7 @@ def test_bf16_upcast_in_blocks_equals_whole_weight_product():
     n_out = 3 * (UPCAST_BLOCK_BYTES // (4 * k)) + 5
     g = torch.Generator().manual_seed(3)
     w = torch.randn(n_out, k, generator=g).to(torch.bfloat16)
-    x = torch.randn(BF16_CPU_UPCAST_ROWS + 3, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(9, k, generator=g).to(torch.bfloat16)
     assert torch.equal(linear(x, w), _fp32_product(x, w).to(torch.bfloat16))
 
 
@@ -88,7 +87,7 @@ def test_bf16_upcast_inside_and_outside_inference_mode():
     """The per-thread upcast buffer serves callers in and out of inference mode, in either order."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(64, 32, generator=g).to(torch.bfloat16)
-    x = torch.randn(BF16_CPU_UPCAST_ROWS, 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(6, 32, generator=g).to(torch.bfloat16)
     with torch.inference_mode():
         inside = linear(x, w)
     outside = linear(x, w)
@@ -108,10 +107,9 @@ def test_plain_weights_run_the_fixed_kernels():
     """A weight that never went through prepare_weight (a tied lm_head) runs the fixed plan's kernels."""
     g = torch.Generator().manual_seed(9)
     w = torch.randn(64, 32, generator=g).to(torch.bfloat16)
-    for rows in (1, BF16_CPU_UPCAST_ROWS - 1, BF16_CPU_UPCAST_ROWS, 40):
+    for rows in (1, 5, 6, 40):
         x = torch.randn(rows, 32, generator=g).to(torch.bfloat16)
-        kernel = "aten" if rows < BF16_CPU_UPCAST_ROWS else "upcast"
-        assert torch.equal(linear(x, w), linear(x, prepared(w, kernel)))
+        assert torch.equal(linear(x, w), linear(x, prepared(w, "upcast")))
 
 
 @pytest.mark.parametrize(("dtype", "kernel"), KERNELS)
