@@ -43,8 +43,8 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str, api_
     app.add_api_route("/v1/chat/completions", ChatHandler(ctx).handle, methods=["POST"])
     app.add_api_route("/v1/models", ModelsHandler(ctx).handle, methods=["GET"])
     app.add_api_route("/v1/admin/engine", AdminHandler(ctx).handle, methods=["GET"])
-    app.add_api_route("/tokenize", TokenizeHandler(ctx, api_key).handle, methods=["POST"])
-    app.add_api_route("/detokenize", DetokenizeHandler(ctx, api_key).handle, methods=["POST"])
+    app.add_api_route("/tokenize", TokenizeHandler(ctx).handle, methods=["POST"])
+    app.add_api_route("/detokenize", DetokenizeHandler(ctx).handle, methods=["POST"])
     if prometheus_targets is not None:  # router.service_discovery.PrometheusTargets: http_sd for Prometheus
         app.add_api_route("/v1/admin/prometheus_targets", prometheus_targets.handle, methods=["GET"])
     if placement_admin is not None:  # router.admin_placement.PlacementAdmin (the remote expert backend only)

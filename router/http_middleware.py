@@ -50,15 +50,19 @@ def _unauthorized() -> JSONResponse:
     return JSONResponse({"error": "Unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+
+
 class AuthMiddleware:
-    """With an api key, /v1/* needs `Authorization: Bearer KEY` (else 401); /health and /metrics stay open."""
+    """With an api key, /v1/*, /tokenize and /detokenize need `Authorization: Bearer KEY` (else 401); /health
+    and /metrics stay open."""
 
     def __init__(self, app: Any, api_key: str | None):
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (self.api_key and scope["type"] == "http" and scope["method"] != "OPTIONS"
-                and scope["path"].startswith("/v1") and not _authorized(scope, self.api_key)):
+                and scope["path"].startswith(PROTECTED_PREFIXES) and not _authorized(scope, self.api_key)):
             return await _unauthorized()(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -1,4 +1,4 @@
-"""POST /tokenize and /detokenize with vLLM's request and response shapes, behind the API key.
+"""POST /tokenize and /detokenize with vLLM's request and response shapes (the auth middleware guards them).
 
 /tokenize takes {"model"?, "prompt", "add_special_tokens"? (default true)} or {"model"?, "messages",
 "add_generation_prompt"? (default true), "add_special_tokens"? (default false: the chat template already holds
@@ -8,7 +8,6 @@ BOS)}, plus "return_token_strs"?, and answers {"count", "max_model_len", "tokens
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import anyio
@@ -49,14 +48,10 @@ class DetokenizeRequest(_Body):
 
 
 class _Handler:
-    def __init__(self, ctx: ApiContext, api_key: str | None = None):
-        self.ctx, self.api_key = ctx, api_key
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
 
     async def parse(self, request: Request, cls: type[_Body]) -> Any:
-        if self.api_key:  # these paths sit outside /v1, which the auth middleware covers
-            auth = request.headers.get("authorization", "")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                raise _Unauthorized
         raw = await read_body(request, self.ctx.limits.max_request_bytes)
         try:
             body = parse_request(raw, cls)  # type: ignore[arg-type]
@@ -69,14 +64,6 @@ class _Handler:
         if body.model is not None and body.model != self.ctx.served_model_name:
             raise ApiError(404, f"The model `{body.model[:200]}` does not exist.", param="model")
         return body
-
-
-class _Unauthorized(ApiError):
-    def __init__(self) -> None:
-        super().__init__(401, "Unauthorized")
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": "Unauthorized"}, status_code=401)  # as the /v1 middleware answers
 
 
 class TokenizeHandler(_Handler):
