@@ -8,22 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .autoscale import AutoscaleConfig
-from .cli_args import positive_float, positive_int
+from .cli_args import non_negative_int, positive_float, positive_int
 
 if TYPE_CHECKING:  # cluster.rebalance imports Ray: only when serving
     from .rebalance import RebalanceConfig
 
 DEFAULT_INTERVAL_S = 30.0  # when --redundant-experts or --autoscale is given without --rebalance-interval
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def imbalance_target(text: str) -> float:
