@@ -1,5 +1,5 @@
-"""`expertmesh bench`: every README figure from one command (offline decode, distributed, serving), and a soak
-run on request (`--sections soak --minutes M`)."""
+"""`expertmesh bench`: every README figure from one command (offline decode, distributed, serving), and the soak,
+burst, rebalance and failover runs on request (`--sections soak --minutes M`, ...)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: in-process vs HF, workers vs in-process, serving vs HF")
     p.add_argument("--model", help="checkpoint dir (default: the `bench` preset in bf16, written once to the cache)")
     p.add_argument("--sections", default=DEFAULT_SECTIONS,
-                   help=f"comma-separated of {SECTIONS} (default {DEFAULT_SECTIONS}; soak only when named)")
+                   help=f"comma-separated of {SECTIONS} (default {DEFAULT_SECTIONS}; the others only when named)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="decode section dtypes")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--prompt-len", type=positive_int, default=16)
