@@ -31,7 +31,6 @@ class AutoscaleConfig:
     idle_expert_share: float = 0.05
     idle_s: float = 60.0
     cooldown_s: float = 10.0
-    add_timeout_s: float = 10.0  # a new worker's placement group must be placed within this (else retried later)
 
     def validate(self, start_workers: int, slots_per_layer: int) -> None:
         if self.min_workers < 1:
@@ -48,9 +47,8 @@ class AutoscaleConfig:
         for name in ("up_expert_share", "up_worker_busy", "idle_expert_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise AutoscaleConfigError(f"autoscale {name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.up_windows < 1 or self.idle_s < 0 or self.cooldown_s < 0 or not self.add_timeout_s > 0:
-            raise AutoscaleConfigError("autoscale: up_windows must be >= 1, idle_s and cooldown_s >= 0, "
-                                       "add_timeout_s > 0")
+        if self.up_windows < 1 or self.idle_s < 0 or self.cooldown_s < 0:
+            raise AutoscaleConfigError("autoscale: up_windows must be >= 1, idle_s and cooldown_s >= 0")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from router.actor import RouterActor
 from router.remote_experts import RoutingTable
 from workers.actor import ExpertWorkerActor
 
+from .eplb import rebalance_experts
 from .file_sd import file_sd_groups, write_file_sd
 from .placement import PG_STRATEGIES, PlacementError, PlacementPlan, placement_bundles
 from .ray_runtime import cluster_has_gpus, start_ray
@@ -52,6 +53,7 @@ class ClusterConfig:
     replace_timeout_s: float = 60.0  # a replacement worker's placement group must be placed within this
     bind_host: str = "0.0.0.0"  # workers' gRPC and metrics bind here; they advertise the node's IP
     security: DataPlaneSecurity | None = None  # the data plane's secret and TLS; None: a fresh secret
+    redundant_experts: int = 0  # extra expert slots per layer from the start (EPLB on uniform load)
 
 
 @dataclass
@@ -78,12 +80,12 @@ class ExpertCluster:
         self.security = cfg.security or DataPlaneSecurity.generate()
         model_cfg = MixtralConfig.from_file(cfg.model_dir)
         self.num_layers = model_cfg.num_hidden_layers
-        self.plan = PlacementPlan.build(model_cfg.num_hidden_layers, model_cfg.num_local_experts,
-                                        cfg.num_workers, cfg.placement)
+        self.plan = startup_plan(model_cfg.num_hidden_layers, model_cfg.num_local_experts, cfg)
         self.started_ray = not ray.is_initialized()
         start_ray(cfg.address, num_cpus_needed=cfg.num_workers * cfg.worker_cpus + cfg.router_cpus)
         self.use_gpus = cluster_has_gpus() if cfg.use_gpus is None else cfg.use_gpus
         self.slots: dict[str, WorkerSlot] = {}  # in worker order
+        self.pending: WorkerSlot | None = None  # a requested worker whose placement group waits for a node
         self.router = None
         self.router_pg = None
         self.file_sd_path: Path | None = None
@@ -213,6 +215,43 @@ class ExpertCluster:
         self.slots[wid] = slot
         return wid
 
+    def request_worker(self, pairs: list[tuple[int, int]], bundle: dict[str, float] | None = None) -> str:
+        """Ask for a new worker's placement group and return at once: the group stays pending (the demand a
+        cluster autoscaler such as KubeRay's sees) until a node can take it; `start_pending_worker` starts the
+        worker then, `cancel_pending_worker` gives the group up. One at a time; returns the worker id to be."""
+        if self.pending is not None:
+            raise PlacementError(f"{self.pending.worker_id} is still waiting for a node")
+        wid = f"worker-{self._next_worker}"
+        self._next_worker += 1
+        slot = WorkerSlot(wid, sorted(map(tuple, pairs)))
+        slot.pg = self._new_pg(bundle or self._worker_bundle())
+        self.pending = slot
+        return wid
+
+    def start_pending_worker(self) -> str | None:
+        """When the pending group is placed: start its worker (waits for it to serve) and add it, returning its
+        id (live in the router after push_table()); None, at once, while the group still waits for a node."""
+        slot = self.pending
+        if slot is None or not ray.wait([slot.pg.ready()], timeout=0)[0]:
+            return None
+        self.pending = None
+        slot.actor = self._start_worker(slot)
+        try:
+            self._await_addresses([slot], READY_TIMEOUT_S)
+        except BaseException:
+            self._stop_slot(slot, graceful=False)
+            raise
+        self.slots[slot.worker_id] = slot
+        return slot.worker_id
+
+    def cancel_pending_worker(self) -> str | None:
+        """Give up the pending group (removed from Ray); returns the worker id it was for."""
+        slot, self.pending = self.pending, None
+        if slot is None:
+            return None
+        self._stop_slot(slot, graceful=False)
+        return slot.worker_id
+
     def remove_worker(self, worker_id: str, graceful: bool = True) -> None:
         """Stop a worker and free its placement group; push a table without it first if it still serves."""
         slot = self.slots.pop(worker_id)
@@ -299,6 +338,7 @@ class ExpertCluster:
                 _quietly(lambda: ray.get(self.router.shutdown.remote(), timeout=30))
             _quietly(lambda: ray.kill(self.router))
             self.router = None
+        self.cancel_pending_worker()
         for slot in list(self.slots.values()):
             self._stop_slot(slot, graceful)
         self.slots = {}
@@ -313,6 +353,14 @@ class ExpertCluster:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def startup_plan(num_layers: int, num_experts: int, cfg: ClusterConfig) -> PlacementPlan:
+    """--placement without redundant experts; with them, the EPLB plan for uniform load: num_experts +
+    redundant_experts slots per layer from the start (as many as the workers can hold, one replica per worker)."""
+    if not cfg.redundant_experts:
+        return PlacementPlan.build(num_layers, num_experts, cfg.num_workers, cfg.placement)
+    return rebalance_experts([[1.0] * num_experts] * num_layers, cfg.num_workers, cfg.redundant_experts)
 
 
 def _check_router_resource(name: str) -> None:

@@ -7,10 +7,15 @@ rows of a layer's workers, the worst layer) stayed above `target_imbalance` for 
 row, it computes a new plan (cluster/eplb.py) from the window's load and applies it, make before break:
 1. every worker loads the pairs it gains (it keeps serving meanwhile);
 2. the router swaps its routing table between two forwards (a forward in flight finishes on the old one);
-3. once the router started a forward on the new table (or stayed idle for `settle_s`), workers drop the pairs
-   they lost. Nothing a forward can still route to is ever dropped, so no request fails or changes output.
-With autoscaling, each window's LoadSignal (cluster/autoscale.py) may add a worker (its own placement group)
-or remove one (taken out of the table first, then stopped); both re-run the placement.
+3. once no forward that started on the old table still runs (the router reports it: idle, or only forwards
+   on the new table), workers drop the pairs they lost (and a removed worker stops). The rebalance waits up
+   to `settle_s` for that; a forward still running on the old table then defers the drop to a later tick, and
+   no other change starts before it is done. Nothing a forward can still route to is ever dropped, so no
+   request fails or changes output.
+With autoscaling, each window's LoadSignal (cluster/autoscale.py) may add a worker or remove one (taken out of
+the table first, then stopped); both re-run the placement. A new worker's placement group is asked for without
+waiting: it stays pending across ticks (the demand KubeRay's autoscaler turns into a node) and the first tick
+that finds it placed starts the worker; a scale-down, or shutdown, while it waits gives the group up.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class RebalanceConfig:
     windows_above: int = 2  # windows in a row above target before acting
     min_window_tokens: int = 64  # rows dispatched in a window below which it says nothing
     min_gain: float = 0.05  # a new plan must lower the predicted worst-layer imbalance by this much
-    settle_s: float = 2.0  # after the swap, wait at most this long for the router's next forward, then drop
+    settle_s: float = 2.0  # after the swap, wait this long for old-table forwards to end, else drop on a later tick
 
     def validate(self, num_experts: int) -> None:
         if not isinstance(self.redundant_experts, int) or self.redundant_experts < 0:
@@ -50,6 +55,15 @@ class RebalanceConfig:
             raise PlacementError(f"--rebalance-interval: must be > 0 seconds, got {self.interval_s}")
         if self.windows_above < 1:
             raise PlacementError(f"windows_above: must be >= 1, got {self.windows_above}")
+
+
+@dataclass(frozen=True)
+class PendingDrop:
+    """The break half of a change, done once no forward on the old table runs."""
+
+    lose: dict[str, list[tuple[int, int]]]  # worker id -> pairs to drop
+    remove: str | None  # a worker to stop (out of the table since the swap)
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,8 @@ class Rebalancer:
         self._start: dict | None = None  # poll at the start of the current window
         self._results: list[dict] = []  # to report on the next poll
         self.history: deque[dict] = deque(maxlen=64)  # every result, newest last
+        self.pending_drop: PendingDrop | None = None  # the break half of the last change, until safe
+        self._pending_up = ("", 0.0)  # (reason, when asked) of the worker requested from Ray
 
     @property
     def router(self):
@@ -117,10 +133,14 @@ class Rebalancer:
         """Poll the router, act on requests and closed windows, report; returns what it did this tick."""
         now = time.monotonic() if now is None else now
         poll = ray.get(self.router.placement_poll.remote(), timeout=CALL_TIMEOUT_S)
+        if self.pending_drop is not None and poll.get("old_table_forwards", 0) == 0:
+            self._finish_drop()
         done: list[dict] = []
         if self._start is None or poll["load"]["rpcs"] < self._start["load"]["rpcs"]:  # (a new router)
             self._start = poll
         window = window_between(self._start, poll)
+        if self.cluster.pending is not None:
+            done += self._join_pending(window)
         for req in poll["requests"]:  # manual: use what the current window (or the last one) measured
             done.append(self.rebalance(self._load(window), reason="requested", request_id=req["id"], force=True))
         if self.cfg.interval_s is not None and window.seconds >= self.cfg.interval_s:
@@ -164,8 +184,13 @@ class Rebalancer:
                             worker_busy={names[a]: min(1.0, window.worker_seconds.get(a, 0.0) / window.seconds)
                                          for a in self.cluster.addresses if a},
                             waiting=window.waiting)
-        delta, why = self.autoscaler.decide(signal, len(self.cluster.worker_ids()), now)
-        if not delta:
+        pending = self.cluster.pending
+        delta, why = self.autoscaler.decide(signal, len(self.cluster.worker_ids()) + (pending is not None), now)
+        if pending is not None and delta < 0:  # not placed yet: give the group up instead of a serving worker
+            wid = self.cluster.cancel_pending_worker()
+            log.info("autoscale: gave up the pending %s (%s)", wid, why)
+            return {"id": None, "status": "cancelled", "reason": f"scale down: {why}", "worker": wid}
+        if not delta or pending is not None:
             return None
         return self.scale(delta, self._load(window), reason=why)
 
@@ -173,31 +198,50 @@ class Rebalancer:
 
     def rebalance(self, window: Window, reason: str, request_id: int | None = None, force: bool = False) -> dict:
         """Re-place the experts over the current workers for the window's load."""
+        if not self._settled():
+            return self._busy(reason, request_id)
         ids = self.cluster.worker_ids()
         return self._replace(window, ids, self.cluster.worker_pairs(), reason, request_id, force)
 
     def scale(self, delta: int, window: Window, reason: str) -> dict:
         """Add (+1) or remove (-1) one worker and re-place the experts over the new set."""
+        if not self._settled():
+            return self._busy(f"scale {'up' if delta > 0 else 'down'}: {reason}", None)
         ids, pairs = self.cluster.worker_ids(), self.cluster.worker_pairs()
         t0 = time.monotonic()
         before = self._model_imbalance(pairs, window)
-        if delta > 0:
+        if delta > 0:  # ask for the worker's group; a later tick starts it once a node takes it
             plan = self._plan(window, len(ids) + 1, pairs + [[]])
-            try:
-                new_id = self.cluster.add_worker(plan.pairs(len(ids)), timeout_s=self.autoscaler.cfg.add_timeout_s)
-            except PlacementError as e:  # no node has room (yet): a pending group makes a cluster autoscaler add one
-                log.warning("autoscale: cannot add a worker (%s): %s", reason, e)
-                return {"id": None, "status": "failed", "reason": f"scale up: {reason}", "message": str(e)}
-            log.info("autoscale: added %s (%s) in %.1f s", new_id, reason, time.monotonic() - t0)
-            result = self._apply(plan, ids + [new_id], window, before, f"scale up: {reason}", None, t0)
+            wid = self.cluster.request_worker(plan.pairs(len(ids)))
+            self._pending_up = (f"scale up: {reason}", time.monotonic())
+            log.info("autoscale: asked for %s (%s); it starts once its placement group is placed", wid, reason)
+            return {"id": None, "status": "pending", "reason": f"scale up: {reason}", "worker": wid,
+                    "message": "the new worker's placement group waits for a node"}
         else:
             victim = ids[-1]  # the newest worker
             plan = self._plan(window, len(ids) - 1, pairs[:-1])
             result = self._apply(plan, ids[:-1], window, before, f"scale down: {reason}", None, t0, remove=victim)
-        result["workers"] = len(self.cluster.worker_ids())
         if self.autoscaler is not None:
             self.autoscaler.note_change(time.monotonic())
         return result
+
+    def _join_pending(self, window: Window) -> list[dict]:
+        """Start the requested worker once its group is placed (never waits for a node) and re-place with it."""
+        if not self._settled():
+            return []
+        wid = self.cluster.start_pending_worker()
+        if wid is None:
+            return []
+        reason, asked = self._pending_up
+        t0 = time.monotonic()
+        log.info("autoscale: added %s (%s) %.1f s after asking", wid, reason, t0 - asked)
+        ids, pairs = self.cluster.worker_ids(), self.cluster.worker_pairs()
+        window = self._load(window)
+        result = self._apply(self._plan(window, len(ids), pairs), ids, window,
+                             self._model_imbalance(pairs[:-1], window), reason, None, t0)
+        if self.autoscaler is not None:
+            self.autoscaler.note_change(time.monotonic())
+        return [result]
 
     def _plan(self, window: Window, num_workers: int, current: list) -> PlacementPlan:
         return rebalance_experts(window.expert_load, num_workers, self.cfg.redundant_experts, current)
@@ -239,27 +283,58 @@ class Rebalancer:
         if remove is not None:
             slots[remove].pairs = []  # out of the routing table with this swap, stopped after it
         self.cluster.push_table()
-        settled = ray.get(self.router.wait_forward_after.remote(None, self.cfg.settle_s), timeout=CALL_TIMEOUT_S)
-        ray.get([slots[w].actor.drop_experts.remote(lose[w]) for w in ids if lose[w]], timeout=CALL_TIMEOUT_S)
-        if remove is not None:
-            self.cluster.remove_worker(remove)
+        self.pending_drop = PendingDrop({w: lose[w] for w in ids if lose[w]}, remove, reason)
+        settled = self._settled()
+        if not settled:
+            log.info("rebalance (%s): a forward started on the old table still runs; dropping on a later tick",
+                     reason)
         self.rebalances += 1
         after = layer_imbalance(plan, window.expert_load)
         moved = sum(len(g) for g in gain.values())
         result = {"id": request_id, "status": "done", "reason": reason, "imbalance_before": _r(before),
                   "imbalance_before_measured": _r(measured_before), "imbalance_after": _r(after),
                   "pairs_loaded": moved, "pairs_dropped": sum(len(x) for x in lose.values()),
-                  "replicas": plan.replica_counts(), "workers": len(ids), "router_settled": settled,
+                  "replicas": plan.replica_counts(), "workers": len(ids), "dropped_now": settled,
                   "seconds": round(time.monotonic() - t0, 3), "window_tokens": window.tokens}
         log.info("rebalance %d (%s): worker imbalance per layer before %s after %s (predicted), %d pairs loaded, "
                  "%d dropped, %d workers, %.2f s", self.rebalances, reason, _r(before), _r(after), moved,
                  result["pairs_dropped"], len(ids), result["seconds"])
         return result
 
+    def _settled(self) -> bool:
+        """Finish the last change's drop once no forward on the old table runs (waits up to settle_s); True when
+        nothing is left to drop."""
+        if self.pending_drop is None:
+            return True
+        if ray.get(self.router.wait_old_forwards.remote(self.cfg.settle_s), timeout=CALL_TIMEOUT_S):
+            self._finish_drop()
+        return self.pending_drop is None
+
+    def _finish_drop(self) -> None:
+        """Workers drop the pairs they lost (and a removed worker stops): no forward can route to them now."""
+        drop, self.pending_drop = self.pending_drop, None
+        slots = self.cluster.slots
+        for w, pairs in drop.lose.items():
+            if w not in slots or slots[w].actor is None:
+                continue  # removed or being replaced (a replacement loads only its pairs)
+            try:
+                ray.get(slots[w].actor.drop_experts.remote(pairs), timeout=CALL_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - a dead worker is the failover controller's to replace
+                log.warning("rebalance (%s): %s could not drop %d pairs: %s", drop.reason, w, len(pairs), e)
+        if drop.remove is not None and drop.remove in slots:
+            self.cluster.remove_worker(drop.remove)
+
+    def _busy(self, reason: str, request_id: int | None) -> dict:
+        return {"id": request_id, "status": "skipped", "reason": reason,
+                "message": "the last change still waits for a forward on the old routing table to end"}
+
     def _report(self) -> None:
         status = {"rebalance": asdict(self.cfg), "rebalances": self.rebalances,
                   "window_imbalance": _r(self.last_imbalance), "windows_above": self.windows_above,
                   "workers": len(self.cluster.worker_ids())}
+        if self.cluster.pending is not None:
+            status["pending_worker"] = {"worker": self.cluster.pending.worker_id, "reason": self._pending_up[0],
+                                        "waiting_s": round(time.monotonic() - self._pending_up[1], 1)}
         if self.autoscaler is not None:
             status["autoscale"] = {**asdict(self.autoscaler.cfg), "last_decision": self.autoscaler.last_decision}
         results, self._results = self._results, []

@@ -25,8 +25,10 @@ def imbalance_target(text: str) -> float:
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redundant-experts", type=non_negative_int, default=0, metavar="N",
-                   help="extra physical expert slots per layer, given to the experts with the most load per "
-                        "replica at each rebalance (as vLLM's and DeepSeek EPLB's num_redundant_experts)")
+                   help="extra physical expert slots per layer (as vLLM's and DeepSeek EPLB's "
+                        "num_redundant_experts): from the start (spread as for uniform load, replacing "
+                        "--placement; at most one replica of an expert per worker), then each rebalance gives "
+                        "them to the experts with the most load per replica")
     p.add_argument("--target-imbalance", type=imbalance_target, default=1.2, metavar="X",
                    help="rebalance when a layer's worker load max / mean stays above X for two windows (default 1.2)")
     p.add_argument("--rebalance-interval", type=positive_float, metavar="S",

@@ -205,7 +205,8 @@ def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle, security=
                                      router_resource=args.router_resource,
                                      dispatch_timeout_s=args.dispatch_timeout,
                                      replace_timeout_s=args.replace_timeout,
-                                     bind_host=args.bind_host, security=security)) as cluster:
+                                     bind_host=args.bind_host, security=security,
+                                     redundant_experts=args.redundant_experts)) as cluster:
         life.check()
         url = ray.get(cluster.router.start_server.remote(server))
         controller = Controller(cluster, ControllerConfig(hung_after_s=args.dispatch_timeout),

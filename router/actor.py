@@ -11,12 +11,12 @@ import torch
 
 from model.config import MixtralConfig
 from model.generation import generate
-from model.mixtral import Mixtral
 from model.sampling import SamplingParams
 from protos.security import DataPlaneSecurity
 
 from .admin_placement import PlacementAdmin
 from .expert_metrics import DispatchLoad
+from .forward_tracker import ForwardTracker, TrackedMixtral
 from .remote_experts import RemoteExperts, RoutingTable
 from .server import ServerConfig
 
@@ -40,8 +40,10 @@ class RouterActor:
         self.backend = RemoteExperts(table, num_experts=num_experts, timeout_s=timeout_s, security=security)
         self.load = DispatchLoad(model_cfg.num_hidden_layers, num_experts)  # the placement controller reads it
         self.backend.add_listener(self.load)
-        self.placement = PlacementAdmin(self.backend, self.load)
-        self.model = Mixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)
+        self.forwards = ForwardTracker()  # a rebalance drops experts once no forward on the old table runs
+        self.placement = PlacementAdmin(self.backend, self.load, self.forwards)
+        self.model = TrackedMixtral.from_pretrained(model_dir, dtype=dtype, device=self.device, experts=self.backend)
+        self.model.tracker = self.forwards
         self._health = (0.0, True)
         self.server = None
 
@@ -106,9 +108,9 @@ class RouterActor:
     def placement_report(self, status: dict, results: list[dict]) -> None:
         self.placement.report(status, results)
 
-    def wait_forward_after(self, step: int | None, timeout_s: float) -> bool:
-        """True once a forward numbered above `step` (None: the current one) started; False after timeout_s."""
-        return self.placement.wait_forward_after(step, timeout_s)
+    def wait_old_forwards(self, timeout_s: float) -> bool:
+        """True once no forward that started before the latest table swap runs (waits up to timeout_s)."""
+        return self.forwards.wait_old_done(timeout_s)
 
     def experts_healthy(self) -> bool:
         """False while any expert worker is marked down or unreachable (probed at most once a second)."""
@@ -122,6 +124,7 @@ class RouterActor:
     def swap_table(self, table: RoutingTable, worker_restarts: dict[str, int] | None = None) -> None:
         """Route every forward from the next one on by `table` (new addresses connected first)."""
         self.backend.swap_table(table)
+        self.forwards.swapped()
         self._health = (0.0, True)  # probe the new table on the next /health
         if worker_restarts is not None:
             self._worker_restarts = dict(worker_restarts)

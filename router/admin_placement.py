@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .expert_metrics import DispatchLoad
+from .forward_tracker import ForwardTracker
 from .handlers import read_body
 from .http_errors import ApiError
 
@@ -51,8 +52,8 @@ class PlacementAdmin:
     """Thread-safe state shared by the HTTP handlers (event loop), the controller's polls (Ray actor threads)
     and the metrics collector (scrapes)."""
 
-    def __init__(self, backend: Any, load: DispatchLoad):
-        self.backend, self.load = backend, load
+    def __init__(self, backend: Any, load: DispatchLoad, forwards: ForwardTracker):
+        self.backend, self.load, self.forwards = backend, load, forwards
         self._lock = threading.Lock()
         self._next_id = 1
         self._pending: list[dict] = []
@@ -71,7 +72,7 @@ class PlacementAdmin:
             self.last_poll = time.monotonic()
             requests, self._pending = self._pending, []
         return {"load": self.load.snapshot(), "dispatch_wall_seconds": self.backend.stats.wall_seconds,
-                "step": self.backend.step, "requests": requests,
+                "step": self.backend.step, "requests": requests, "old_table_forwards": self.forwards.old_in_flight(),
                 "engine": None if stats is None else {"num_waiting": stats.num_waiting,
                                                       "num_running": stats.num_running,
                                                       "last_step_seconds": stats.last_step_seconds}}
@@ -89,18 +90,6 @@ class PlacementAdmin:
                 while len(self._results) > KEEP_RESULTS:
                     self._results.popitem(last=False)
 
-    def wait_forward_after(self, step: int | None, timeout_s: float) -> bool:
-        """Wait until a forward numbered above `step` (default: the current one) has started, so the one in
-        flight at `step` ended (the engine runs one forward at a time), up to timeout_s; False on timeout (no
-        forward ran: the router is idle)."""
-        deadline = time.monotonic() + timeout_s
-        step = self.backend.step if step is None else step
-        while self.backend.step <= step:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
     # ---- HTTP ------------------------------------------------------------------------------------------------
 
     def controller_alive(self) -> bool:
@@ -112,7 +101,8 @@ class PlacementAdmin:
             body = {"controller_running": self.controller_alive(), "controller": dict(self.status),
                     "rebalances_total": self.rebalances_total,
                     "last_rebalance": self.last_result,
-                    "pending_requests": [r["id"] for r in self._pending]}
+                    "pending_requests": [r["id"] for r in self._pending],
+                    "old_table_forwards": self.forwards.old_in_flight()}
         return JSONResponse({**table_json(self.backend.table), **body})
 
     async def post_rebalance(self, request: Request) -> JSONResponse:

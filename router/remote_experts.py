@@ -277,7 +277,7 @@ class RemoteExperts:
         """Send the layer's rows to the workers and return at once; `wait` gives the mixed output [T, D]. A
         forward enters layer 0 first: that starts a new step on the current table (first_part=False: another
         micro-batch of the same forward, same step). defer_last: leave the last worker's Dispatch to `wait`,
-        which makes it a blocking call on its own thread (for a caller that waits right away)."""
+        which makes it a blocking call on the waiting thread (for a caller that waits right away)."""
         if layer == 0 and first_part:
             with self._swap_lock:
                 self.step += 1

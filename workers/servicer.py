@@ -17,15 +17,11 @@ from .expert_worker import ExpertWorker
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "expertmesh.v1.ExpertService"
-# A Dispatch of at most this many rows (a decode step's) computes on the event loop itself when no other is
-# computing: the hop to the compute thread and back cost more than the product (~0.3 ms each way, loaded 2-core).
-INLINE_MAX_ROWS = 64
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     """Decode, worker.forward, encode. Compute runs on one worker thread so the event loop keeps answering
-    health and Info calls meanwhile; torch parallelizes inside each call. Small Dispatches run on the loop
-    when that thread is idle (never both at once, so one thread at a time owns worker.stats)."""
+    health and Info calls meanwhile; torch parallelizes inside each call."""
 
     def __init__(self, worker: ExpertWorker, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  metrics_url: str = ""):
@@ -33,7 +29,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.max_message_bytes = max_message_bytes
         self.metrics_url = metrics_url
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{worker.worker_id}")
-        self._busy = 0  # Dispatches handed to the compute thread and not yet back (read and set on the loop)
 
     def _dispatch(self, request: expert_pb2.DispatchRequest) -> tuple[grpc.StatusCode, object]:
         """(OK, response) or (error code, message); runs on the compute thread, which owns worker.stats."""
@@ -53,15 +48,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return result
 
     async def Dispatch(self, request, context):
-        rows = request.hidden.shape[0] if request.hidden.shape else 0
-        if self._busy == 0 and rows <= INLINE_MAX_ROWS:
-            code, result = self._dispatch(request)
-        else:
-            self._busy += 1
-            try:
-                code, result = await asyncio.get_running_loop().run_in_executor(self._pool, self._dispatch, request)
-            finally:
-                self._busy -= 1
+        code, result = await asyncio.get_running_loop().run_in_executor(self._pool, self._dispatch, request)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, result)
         return result

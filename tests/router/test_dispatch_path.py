@@ -1,8 +1,8 @@
 """The dispatch path of RemoteExperts over live gRPC workers: layers submitted before any is waited for (futures
 of sync stubs, sent from the calling thread) give exactly the blocking call's result; listeners run on the
 waiting thread; a worker that accepts a Dispatch but never answers misses its deadline, is marked down and its
-rows go to a live replica in the same forward; a worker computes small Dispatches on its event loop and large
-ones on its compute thread, with the same result."""
+rows go to a live replica in the same forward; one worker answering every row of a layer (its reply used as
+the sorted output, no copy) gives the in-process result at decode and prefill sizes."""
 
 import asyncio
 import threading
@@ -16,7 +16,6 @@ from model.mixtral import Mixtral
 from protos import expert_pb2_grpc
 from router.remote_experts import RemoteExperts, RoutingTable
 from tests.router.test_remote_experts import ALL, EXPERTS, LAYERS, Workers, layer_inputs
-from workers.servicer import INLINE_MAX_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +96,11 @@ def test_deadline_marks_a_silent_worker_down_and_reroutes(workers, model_dir):
         workers._run(server.stop(0))
 
 
-def test_small_and_large_dispatches_agree_with_local(workers, model_dir):
-    """A decode-sized Dispatch runs on the worker's event loop, a prefill-sized one on its compute thread."""
+def test_one_worker_answering_every_row_agrees_with_local(workers, model_dir):
     local = Mixtral.from_pretrained(model_dir).experts
     backend = RemoteExperts(RoutingTable.from_pairs([ALL], [workers.addresses[0]]), EXPERTS, timeout_s=10)
     try:
-        for tokens in (1, INLINE_MAX_ROWS):  # 2 and 2 * INLINE_MAX_ROWS rows, all to one worker
+        for tokens in (1, 64):  # 2 and 128 rows, all to one worker
             hidden, ids, weights = layer_inputs(30 + tokens, tokens=tokens)
             assert torch.equal(backend(0, hidden, ids, weights), local(0, hidden, ids, weights))
         assert backend.stats.rpcs == 2
