@@ -9,6 +9,8 @@ from typing import Any
 
 from .loadtest import ENDPOINTS, GOODPUT_METRICS, LoadTestConfig, format_report, run_load_test
 
+API_KEY_ENV = "EXPERTMESH_API_KEY"  # the server's variable (`serve` reads it too)
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("loadtest", help="load-test an OpenAI-compatible server (vllm bench serve metrics/JSON)",
@@ -33,7 +35,9 @@ def add_parser(sub: Any) -> None:
                         "served model's vocabulary from its /tokenize and /detokenize)")
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
     p.add_argument("--seed", default="0", metavar="S", help="seeds prompts and arrivals (default 0)")
-    p.add_argument("--api-key", metavar="KEY", help="sent as Authorization: Bearer KEY")
+    p.add_argument("--api-key", metavar="KEY",
+                   help=f"sent as Authorization: Bearer KEY (default: ${API_KEY_ENV}; prefer it, it keeps the key "
+                        "out of the process list)")
     p.add_argument("--result-file", metavar="F.json",
                    help="write the JSON result (vllm bench serve --save-result keys)")
     p.add_argument("--plot", metavar="F.png", help="write a PNG: latency percentiles and output throughput over time")
@@ -88,7 +92,8 @@ def config_from_args(args: Any) -> LoadTestConfig:
         range_ratio=_num(args.range_ratio, "--range-ratio", float, 0.0),
         dataset=args.dataset, tokenizer=args.tokenizer, goodput=parse_goodput(args.goodput),
         seed=_num(args.seed, "--seed"),
-        api_key=args.api_key, timeout_s=_num(args.timeout, "--timeout", float), progress=not args.no_progress)
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        timeout_s=_num(args.timeout, "--timeout", float), progress=not args.no_progress)
     cfg.validate()
     if cfg.tokenizer and not os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")):
         raise ValueError(f"--tokenizer: no tokenizer.json in {cfg.tokenizer!r}")

@@ -89,7 +89,8 @@ def run_one(cfg: RebalanceBench, config: str, log=print) -> dict:
 
     vocab = MixtralConfig.from_file(cfg.model_dir).vocab_size
     engine = EngineConfig(kv_cache_bytes=256 << 20, max_num_seqs=cfg.max_num_seqs)
-    with ExpertCluster(ClusterConfig(cfg.model_dir, cfg.workers)) as cluster:
+    redundant = 0 if config == "static" else cfg.redundant_experts  # as serve: the slots exist from the start
+    with ExpertCluster(ClusterConfig(cfg.model_dir, cfg.workers, redundant_experts=redundant)) as cluster:
         url = ray.get(cluster.router.start_server.remote(ServerConfig(port=0, engine=engine)))
         controller = Controller(cluster).start()
         rebalancer = None

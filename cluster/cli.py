@@ -50,6 +50,8 @@ def _checkpoint_parser(sub) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     p.add_argument("--router-skew", type=non_negative_float, default=0.0,
                    help="Zipf-like exponent: a few experts get most tokens (0 = uniform)")
+    p.add_argument("--max-position-embeddings", type=positive_int, default=None, metavar="N",
+                   help="override the preset's context length (tiny: 512, bench: 4096), e.g. 32768 for passkey")
     p.add_argument("--force", action="store_true", help="write very large checkpoints (mixtral-8x7b)")
     p.set_defaults(run=_run_checkpoint)
 
@@ -57,9 +59,12 @@ def _checkpoint_parser(sub) -> None:
 def _run_checkpoint(args) -> int:
     from model.random_checkpoint import build_config, checkpoint_size_bytes, write_checkpoint
 
-    size = checkpoint_size_bytes(build_config(args.preset, args.dtype), args.dtype)
+    overrides = {} if args.max_position_embeddings is None else {
+        "max_position_embeddings": args.max_position_embeddings}
+    size = checkpoint_size_bytes(build_config(args.preset, args.dtype, overrides), args.dtype)
     print(f"writing {args.preset} checkpoint ({size / 1e9:.2f} GB, {args.dtype}) to {args.out}", file=sys.stderr)
-    path = write_checkpoint(args.out, args.preset, args.seed, args.dtype, args.router_skew, args.force)
+    path = write_checkpoint(args.out, args.preset, args.seed, args.dtype, args.router_skew, args.force,
+                            overrides=overrides)
     print(path)
     return 0
 

@@ -24,6 +24,7 @@ from router.actor import RouterActor
 from router.remote_experts import RoutingTable
 from workers.actor import ExpertWorkerActor
 
+from .actor_errors import startup_error
 from .eplb import rebalance_experts
 from .file_sd import file_sd_groups, write_file_sd
 from .placement import PG_STRATEGIES, PlacementError, PlacementPlan, placement_bundles
@@ -85,7 +86,8 @@ class ExpertCluster:
         start_ray(cfg.address, num_cpus_needed=cfg.num_workers * cfg.worker_cpus + cfg.router_cpus)
         self.use_gpus = cluster_has_gpus() if cfg.use_gpus is None else cfg.use_gpus
         self.slots: dict[str, WorkerSlot] = {}  # in worker order
-        self.pending: WorkerSlot | None = None  # a requested worker whose placement group waits for a node
+        self.pending: WorkerSlot | None = None  # a requested worker: its group waits for a node, or it starts
+        self._pending_address = None  # the pending worker's address() call, once started
         self.router = None
         self.router_pg = None
         self.file_sd_path: Path | None = None
@@ -99,7 +101,10 @@ class ExpertCluster:
             self._place_startup_groups()
             for s in self.slots.values():
                 s.actor = self._start_worker(s)
-            self._await_addresses(list(self.slots.values()), READY_TIMEOUT_S)
+            try:
+                self._await_addresses(list(self.slots.values()), READY_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:  # its own error, in one line
+                raise startup_error(e) from None
             self.table = self.routing_table()
             self.router = self._start_router()
         except BaseException:  # an error, or Ctrl-C while starting: nothing was served, kill without a drain
@@ -229,15 +234,22 @@ class ExpertCluster:
         return wid
 
     def start_pending_worker(self) -> str | None:
-        """When the pending group is placed: start its worker (waits for it to serve) and add it, returning its
-        id (live in the router after push_table()); None, at once, while the group still waits for a node."""
+        """Never waits: starts the pending worker once its group is placed, and once it serves adds it and
+        returns its id (live in the router after push_table()); None meanwhile. Raises (and forgets the worker)
+        when it failed to start."""
         slot = self.pending
-        if slot is None or not ray.wait([slot.pg.ready()], timeout=0)[0]:
+        if slot is None:
+            return None
+        if slot.actor is None:
+            if not ray.wait([slot.pg.ready()], timeout=0)[0]:
+                return None
+            slot.actor = self._start_worker(slot)
+            self._pending_address = slot.actor.address.remote()
+        if not ray.wait([self._pending_address], timeout=0)[0]:
             return None
         self.pending = None
-        slot.actor = self._start_worker(slot)
         try:
-            self._await_addresses([slot], READY_TIMEOUT_S)
+            slot.address = ray.get(self._pending_address)
         except BaseException:
             self._stop_slot(slot, graceful=False)
             raise

@@ -227,9 +227,13 @@ class Rebalancer:
 
     def _join_pending(self, window: Window) -> list[dict]:
         """Start the requested worker once its group is placed (never waits for a node) and re-place with it."""
-        if not self._settled():
+        if self.pending_drop is not None:  # the tick finishes it once the router reports no old forward
             return []
-        wid = self.cluster.start_pending_worker()
+        try:
+            wid = self.cluster.start_pending_worker()
+        except Exception as e:  # noqa: BLE001 - the worker failed to start; a later overloaded window asks again
+            log.warning("autoscale: the new worker failed to start: %s", e)
+            return [{"id": None, "status": "failed", "reason": self._pending_up[0], "message": str(e)}]
         if wid is None:
             return []
         reason, asked = self._pending_up

@@ -15,7 +15,7 @@ from .rebalance_flags import add_flags as add_rebalance_flags
 from .rebalance_flags import attach as attach_rebalancer
 from .rebalance_flags import settings_from_args as rebalance_settings
 from .serve_lifecycle import EXIT_GRACE_S, PARENT_PID_ENV, ServeLifecycle, exit_after, force_exit, kill_session, say
-from .serve_secrets import CURL_AUTH_HINT, add_flags, child_argv_env, data_plane_security, resolve_api_key
+from .serve_secrets import add_flags, child_argv_env, curl_auth_hint, data_plane_security, resolve_api_key
 
 DEFAULT_PRESET = "tiny"
 FILE_SD_REFRESH_S = 10.0
@@ -184,8 +184,9 @@ def _serve(args, life: ServeLifecycle) -> int:
     life.check()
     try:
         most = placing.autoscale.max_workers if placing.autoscale else args.workers  # embedded Ray: room for all
-        start_ray(args.address, num_cpus_needed=most + 1)
-    except SystemExit:  # from Ray's SIGTERM handler
+        with life.keeping_handlers():  # ray.init's own SIGTERM handler would abort us mid-connect
+            start_ray(args.address, num_cpus_needed=most + 1)
+    except SystemExit:  # from Ray's SIGTERM handler (a Ray whose handlers could not be kept out)
         life.signalled_in_ray_init()
         raise
     finally:
@@ -221,7 +222,7 @@ def _serve_cluster(args, model_dir: str, server, life: ServeLifecycle, security=
             cluster.file_sd_path = None
         life.serving()
         name = args.served_model_name or Path(model_dir).name
-        auth = CURL_AUTH_HINT if server.api_key else ""
+        auth = curl_auth_hint(args) if server.api_key else ""
         print(f"expertmesh serving {model_dir} with {args.workers} expert workers at {url}", flush=True)
         print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)

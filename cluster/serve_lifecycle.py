@@ -3,12 +3,14 @@ exits that take the embedded Ray with them. Used by cluster.serve_cmd; imports n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import NoReturn
 
 PARENT_PID_ENV = "EXPERTMESH_SERVE_PARENT_PID"
@@ -128,6 +130,33 @@ class ServeLifecycle:
         """(Again after ray.init, which installs its own SIGTERM handler.)"""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+
+    @contextlib.contextmanager
+    def keeping_handlers(self) -> Iterator[None]:
+        """Around ray.init, where a SIGTERM used to kill us with SIGABRT (seen under load: the driver's C++
+        failure-signal handler took it mid-connect). Meanwhile ours alone handle SIGINT/SIGTERM: ray.init's
+        Python handlers (the last one kills Ray's processes under the connecting driver) are not installed, nor
+        the driver's C++ failure-signal handler (its SIGSEGV traces too; Ray's own processes keep theirs), and an
+        interrupted system call in Ray's C++ is restarted (SA_RESTART), not failed. A Ray without these hooks
+        keeps its handlers until install_handlers (see signalled_in_ray_init)."""
+        try:
+            import ray._private.ray_constants as ray_constants
+            import ray._private.utils as ray_utils
+
+            saved = ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        except (ImportError, AttributeError):
+            yield
+            return
+        self.install_handlers()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.siginterrupt(sig, False)
+        ray_utils.set_sigterm_handler = lambda _handler: None
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        try:
+            yield
+        finally:
+            ray_utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = saved
+            self.install_handlers()  # without SA_RESTART again: a signal interrupts a blocking call
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.signals += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def add_flags(p) -> None:
                    help="CA for mutual TLS (both ends present --grpc-tls-cert, signed by it)")
     p.add_argument("--grpc-tls-server-name", metavar="NAME",
                    help="name the router expects in the workers' certificate (default: the worker's IP)")
+
+
+def curl_auth_hint(args) -> str:
+    """The Authorization header of serve's printed curl hint: a shell expression that yields the key, never the
+    key itself (from --api-key-file PATH: `$(cat PATH)`; otherwise $EXPERTMESH_API_KEY)."""
+    if args.api_key_file:
+        return f' -H "Authorization: Bearer $(cat {shlex.quote(os.path.abspath(args.api_key_file))})"'
+    return CURL_AUTH_HINT
 
 
 def strip_api_key(argv: list[str]) -> tuple[list[str], str | None]:

@@ -25,6 +25,16 @@ from .servicer import serve_worker
 START_TIMEOUT_S = 60.0
 
 
+class BindHostError(ValueError):
+    """A worker cannot listen on its bind host (`serve --bind-host`): one line naming the flag and address."""
+
+
+def bind_host_error(host: str, cause: OSError) -> BindHostError:
+    reason = cause.strerror or str(cause)
+    return BindHostError(f"--bind-host {host}: the expert worker on node {ray.util.get_node_ip_address()} cannot "
+                         f"listen there ({reason}); give an address of that node, or 0.0.0.0 (all interfaces)")
+
+
 class ExpertWorkerActor:
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str, worker_id: str,
                  host: str = "127.0.0.1", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -37,16 +47,30 @@ class ExpertWorkerActor:
         self.worker = ExpertWorker(model_dir, pairs, dtype=dtype, device=device, worker_id=worker_id)
         self.node_id = ctx.get_node_id()
         advertised = advertised_host(host)
-        self.metrics_server, metrics_port = start_metrics_server(self.worker, host, 0, expert_metrics)
+        self.server, self.start_error = None, None
+        try:
+            self.metrics_server, metrics_port = start_metrics_server(self.worker, host, 0, expert_metrics)
+        except OSError as e:  # e.g. an address of another node. Not raised here: Ray would print a traceback
+            self.start_error = bind_host_error(host, e)  # for a failed constructor; address() raises it instead
+            return
         self.metrics_url = f"http://{advertised}:{metrics_port}/metrics"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"grpc-{worker_id}", daemon=True)
         self.thread.start()
         start = serve_worker(self.worker, host, 0, max_message_bytes, self.metrics_url, security)
-        self.server, port = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=START_TIMEOUT_S)
+        try:
+            self.server, port = asyncio.run_coroutine_threadsafe(start, self.loop).result(timeout=START_TIMEOUT_S)
+        except OSError as e:
+            self.metrics_server.shutdown()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.start_error = bind_host_error(host, e)
+            return
         self._address = f"{advertised}:{port}"
 
     def address(self) -> str:
+        """The gRPC address once serving (the readiness call); BindHostError when the servers could not start."""
+        if self.start_error is not None:
+            raise self.start_error
         return self._address
 
     def info(self) -> dict:

@@ -64,6 +64,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._pool.shutdown(wait=False)
 
 
+class BindError(OSError):
+    """The gRPC server cannot listen on the address it was given."""
+
+
 async def serve_worker(worker: ExpertWorker, host: str = "127.0.0.1", port: int = 0,
                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                        metrics_url: str = "", security: DataPlaneSecurity | None = None
@@ -80,8 +84,11 @@ async def serve_worker(worker: ExpertWorker, host: str = "127.0.0.1", port: int 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     creds = security.server_credentials() if security is not None else None
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:  # grpcio raises RuntimeError (older ones return 0) when the address is not this host's
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
     if not bound:
-        raise RuntimeError(f"worker {worker.worker_id}: cannot bind {host}:{port}")
+        raise BindError(f"worker {worker.worker_id}: cannot bind {address} (not an address of this host?)")
     await server.start()
     return server, bound

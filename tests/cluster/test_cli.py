@@ -20,6 +20,28 @@ def ck(tmp_path_factory):
     return out
 
 
+def test_checkpoint_max_position_embeddings_flag(tmp_path, capsys):
+    """--max-position-embeddings lands in config.json and the tokenizer's model_max_length; other fields keep the
+    preset's values."""
+    out = tmp_path / "long"
+    assert main(["checkpoint", "--preset", "tiny", "--max-position-embeddings", "32768", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 32768 and cfg["hidden_size"] == 64
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32768
+    assert main(["checkpoint", "--preset", "tiny", "--out", str(tmp_path / "short")]) == 0
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["max_position_embeddings"] == 512
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "many"])
+def test_checkpoint_bad_max_position_embeddings_is_a_clear_error(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["checkpoint", "--out", str(tmp_path / "x"), "--max-position-embeddings", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--max-position-embeddings: expected a positive integer, got '{value}'" in err
+    assert not (tmp_path / "x").exists()
+
+
 def run_json(capsys, argv):
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -112,3 +112,17 @@ def test_build_plans_keep_their_shape():
     with pytest.raises(PlacementError, match="layer 0 expert 1 has no worker"):
         PlacementPlan.from_worker_pairs(1, 2, [[(0, 0)]])
     assert imbalance([3.0, 1.0]) == 1.5 and imbalance([0.0, 0.0]) == 1.0
+
+
+@pytest.mark.parametrize("workers, redundant, slots", [(4, 4, 12), (2, 2, 10), (1, 3, 8), (3, 0, 8)])
+def test_startup_plan_has_the_redundant_slots_from_the_start(workers, redundant, slots):
+    """serve --redundant-experts N: E + N slots per layer before any load is measured (at most one replica of an
+    expert per worker), spread evenly; without N the --placement plan."""
+    from cluster.deployment import ClusterConfig, startup_plan
+
+    cfg = ClusterConfig("unused", workers, placement="round-robin", redundant_experts=redundant)
+    plan = startup_plan(3, 8, cfg)
+    assert [sum(row) for row in plan.replica_counts()] == [slots] * 3
+    assert all(len(p) in (3 * (slots // workers), 3 * -(-slots // workers)) for p in plan.all_pairs())
+    if not redundant:
+        assert plan == PlacementPlan.build(3, 8, workers, "round-robin")

@@ -4,6 +4,7 @@ text of a failure-free run. A request fails only at its deadline or when no repl
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -110,8 +111,9 @@ def served(ray_session, ck):
         cluster.shutdown()
 
 
-def test_sigkill_mid_decode_twice_every_stream_finishes_unchanged(served, ck):
+def test_sigkill_mid_decode_twice_every_stream_finishes_unchanged(served, ck, caplog):
     cluster, controller, url, reference = served
+    caplog.set_level(logging.WARNING, logger="cluster.controller")
     streams = Streams(url, ck.name, PROMPTS, MAX_TOKENS)
     wait_for(lambda: min(streams.progress) >= 2, 120, "every stream to have tokens")
     recoveries = []
@@ -132,6 +134,11 @@ def test_sigkill_mid_decode_twice_every_stream_finishes_unchanged(served, ck):
     assert metric(url, "expertmesh_step_retries_total") >= 2
     assert metric(url, "expertmesh_recovery_seconds_count") >= 2
     assert httpx.get(url + "/health", timeout=30).status_code == 200
+    # the controller's log: one line per failure and one per recovery
+    lines = [r.getMessage() for r in caplog.records if r.name == "cluster.controller"]
+    assert all("\n" not in m for m in lines), lines
+    assert len([m for m in lines if re.match(r"expert worker worker-1 \(\S+\) failed: .+; replacing it$", m)]) == 2
+    assert len([m for m in lines if re.match(r"expert plane repaired in [\d.]+ s: worker-1 now at \S+$", m)]) == 2
     print(f"kill to streams resumed, by replacement: {', '.join(f'{s:.2f} s' for s in recoveries)}")
 
 

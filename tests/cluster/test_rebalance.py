@@ -5,6 +5,10 @@ greedy text never changes."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import signal
 import threading
 import time
 import urllib.error
@@ -12,11 +16,13 @@ import urllib.request
 
 import pytest
 import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from cluster.autoscale import AutoscaleConfig
 from cluster.controller import Controller
 from cluster.deployment import ClusterConfig, ExpertCluster
-from cluster.rebalance import RebalanceConfig, window_between
+from cluster.placement import PlacementPlan
+from cluster.rebalance import RebalanceConfig, Rebalancer, Window, window_between
 from cluster.rebalance_flags import PlacementSettings, attach
 from model.random_checkpoint import write_checkpoint
 from router.remote_experts import split_rows
@@ -108,6 +114,7 @@ def measured_imbalance(cluster: ExpertCluster, seconds: float) -> tuple[list[flo
     a = ray.get(cluster.router.placement_poll.remote())
     time.sleep(seconds)
     w = window_between(a, ray.get(cluster.router.placement_poll.remote()))
+    assert min(map(sum, w.expert_load)) >= 200, f"too few rows in the window to judge: {w.expert_load}"
     serving: dict[int, set[str]] = {}
     for (layer, _), addrs in cluster.table.replicas.items():
         serving.setdefault(layer, set()).update(addrs)
@@ -126,18 +133,24 @@ def test_admin_endpoints_need_the_key_and_a_controller(served):
     assert status == 400 and body["error"]["param"] == "wait_s"
 
 
-def test_replicas_rebalance_and_autoscale_under_load(served):
+def test_replicas_rebalance_and_autoscale_under_load(served, caplog):
     cluster, url, reference = served
-    # What `serve --redundant-experts 4 --autoscale --min-workers 3 --max-workers 5` runs, with short windows.
+    # What `serve --redundant-experts 4 --autoscale --min-workers 3 --max-workers 5` runs, with short windows;
+    # the autoscaler needs 3 overloaded windows, so the skew (2 windows above 1.2) triggers a rebalance first.
     controller = Controller(cluster).start()
     rb = attach(controller, cluster, PlacementSettings(
         RebalanceConfig(redundant_experts=REDUNDANT, interval_s=2.5),
-        AutoscaleConfig(min_workers=3, max_workers=5, idle_s=3.0, cooldown_s=2.0)))
+        AutoscaleConfig(min_workers=3, max_workers=5, up_windows=3, idle_s=3.0, cooldown_s=2.0)))
+    rebalance_log = logging.getLogger("cluster.rebalance")
+    rebalance_log.addHandler(caplog.handler)
     try:
         with Load(url, reference, clients=10) as load:
+            wait_for(lambda: any(r["status"] == "done" and r["reason"] == "imbalance above 1.2" for r in rb.history),
+                     "a rebalance triggered by the skew")
             # Overloaded (4 sequences at most, 10 clients): a worker is added, placed with replicas.
             wait_for(lambda: len(cluster.worker_ids()) == 5, "scale up to --max-workers 5")
-            wait_for(lambda: any(r["status"] == "done" for r in rb.history), "a rebalance")
+            wait_for(lambda: any(r["status"] == "done" and r["reason"].startswith("scale up") for r in rb.history),
+                     "the re-placement over the added worker")
             changes = len(rb.history)
             imbalance, load_seen = measured_imbalance(cluster, 4.0)
             replicas = {k: len(v) for k, v in cluster.table.replicas.items()}
@@ -163,12 +176,104 @@ def test_replicas_rebalance_and_autoscale_under_load(served):
         wait_for(lambda: len(cluster.worker_ids()) == 3, "scale down to --min-workers 3")
     finally:
         controller.stop()
+        rebalance_log.removeHandler(caplog.handler)
     assert controller.replacements == 0
+    skew = next(r for r in rb.history if r["reason"] == "imbalance above 1.2")
+    assert max(skew["imbalance_before_measured"]) > 1.2 and max(skew["imbalance_after"]) <= 1.3, skew
+    lines = [m.getMessage() for m in caplog.records if m.name == "cluster.rebalance"]
+    one = [x for x in lines if re.fullmatch(r"rebalance \d+ \(imbalance above 1\.2\): worker imbalance per layer "
+                                            r"before \[[\d., ]+\] after \[[\d., ]+\] \(predicted\), .*", x)]
+    assert len(one) == sum(r["status"] == "done" and r["reason"] == "imbalance above 1.2" for r in rb.history) >= 1
     assert [complete(url, p) for p in PROMPTS] == [reference[p] for p in PROMPTS]
     infos = cluster.worker_infos()
     assert len(infos) == 3 and all(len(i["pairs"]) >= 1 for i in infos)
     hosted = sorted(tuple(p) for i in infos for p in i["pairs"])
     assert hosted == sorted(p for k, v in cluster.table.replicas.items() for p in [k] * len(v))
+
+
+def timed_tick(rb: Rebalancer) -> list[dict]:
+    t0 = time.monotonic()
+    done = rb.tick()
+    assert time.monotonic() - t0 < 3.0, "a tick waited for the pending placement group"
+    return done
+
+
+def test_a_scale_up_no_node_can_take_stays_pending_without_blocking(served):
+    """The new worker's placement group waits across ticks (the demand a cluster autoscaler sees), is given up by
+    a scale-down, and once a node has room the worker starts and joins the placement."""
+    cluster, url, reference = served
+    before = cluster.worker_ids()
+    free = ray.available_resources().get("CPU", 0)
+    full = placement_group([{"CPU": free}]) if free else None  # what other jobs would hold on a busy node
+    if full is not None:
+        ray.get(full.ready(), timeout=60)
+    autoscale = AutoscaleConfig(min_workers=1, max_workers=len(before) + 1, idle_s=0.0, cooldown_s=0.0)
+    idle = Rebalancer(cluster, RebalanceConfig(interval_s=0.5), autoscale)  # its idle windows scale down
+    manual = Rebalancer(cluster, RebalanceConfig(), autoscale)  # no windows: only joins the pending worker
+    load = Window(1.0, [[1] * EXPERTS] * LAYERS, {}, {}, 0.0, 0)
+    try:
+        asked = manual.scale(+1, load, "test")
+        assert asked["status"] == "pending" and cluster.pending is not None, asked
+        pg = cluster.pending.pg
+        for _ in range(3):
+            assert timed_tick(manual) == [] and placement_group_table(pg)["state"] == "PENDING"
+        status, body = call(url, "/v1/admin/placement")
+        assert body["controller"]["pending_worker"]["worker"] == asked["worker"], body["controller"]
+        wait_for(lambda: any(r["status"] == "cancelled" for r in timed_tick(idle)), "the idle scale-down", 30)
+        assert cluster.pending is None and placement_group_table(pg)["state"] == "REMOVED"
+        assert cluster.worker_ids() == before
+
+        asked = manual.scale(+1, load, "test")
+        assert asked["status"] == "pending"
+        if full is not None:
+            remove_placement_group(full)
+            full = None
+        wait_for(lambda: any(r["status"] == "done" for r in timed_tick(manual)), "the worker to join", 120)
+        assert cluster.pending is None and len(cluster.worker_ids()) == len(before) + 1
+        assert complete(url, PROMPTS[0]) == reference[PROMPTS[0]]
+    finally:
+        if full is not None:
+            remove_placement_group(full)
+        cluster.cancel_pending_worker()
+
+
+def test_a_forward_still_on_the_old_table_defers_the_drop(served):
+    """A request's forward held (its worker SIGSTOPped) across a swap that moves a pair: the pair stays loaded on
+    its old worker, through ticks, until that forward ended; the request's text is unchanged."""
+    cluster, url, reference = served
+    ids = cluster.worker_ids()
+    a, b, held = ids[0], ids[1], ids[-1]
+    pairs = {w: list(cluster.slots[w].pairs) for w in ids}
+    moved = next(p for p in pairs[a] if p not in pairs[b])
+    pairs[a].remove(moved)
+    pairs[b] = sorted(pairs[b] + [moved])
+    plan = PlacementPlan.from_worker_pairs(LAYERS, EXPERTS, [pairs[w] for w in ids])
+    rb = Rebalancer(cluster, RebalanceConfig(settle_s=0.5))
+    load = Window(1.0, [[1] * EXPERTS] * LAYERS, {}, {}, 0.0, 0)
+    pid = ray.get(cluster.slots[held].actor.info.remote())["pid"]
+    out: list[str] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        request = threading.Thread(target=lambda: out.append(complete(url, PROMPTS[1])))
+        request.start()
+        time.sleep(1.5)
+        assert request.is_alive(), "the request did not wait for the stopped worker"
+        result = rb._apply(plan, ids, load, [1.0] * LAYERS, "test", None, time.monotonic())
+        assert result["status"] == "done" and not result["dropped_now"], result
+        for _ in range(2):
+            rb.tick()
+        assert rb.pending_drop is not None and moved in hosted(cluster, a)
+        assert rb.rebalance(load, "requested", force=True)["status"] == "skipped"  # no change before the drop
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    request.join(60)
+    assert out == [reference[PROMPTS[1]]]
+    wait_for(lambda: rb.tick() == [] and rb.pending_drop is None, "the deferred drop", 30)
+    assert moved not in hosted(cluster, a) and moved in hosted(cluster, b)
+
+
+def hosted(cluster: ExpertCluster, worker_id: str) -> list[tuple[int, int]]:
+    return [tuple(p) for p in ray.get(cluster.slots[worker_id].actor.info.remote(), timeout=30)["pairs"]]
 
 
 def test_the_rounding_remainder_rotates_over_replicas():

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sc
 
 STARTUP_S = 180  # bound on a full start (Ray, workers, router, HTTP server) on a loaded machine
 GONE_S = 30  # bound on every serve process being gone once serve stopped
+CONTEXT = 4096  # the test checkpoint's positions: room for requests that outlast a signal on a fast machine
 
 
 def free_port() -> int:
@@ -151,7 +152,7 @@ class Serve:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     ck = tmp_path_factory.mktemp("lifecycle") / "ck"
-    write_checkpoint(ck, "tiny", seed=3)
+    write_checkpoint(ck, "tiny", seed=3, overrides={"max_position_embeddings": CONTEXT})
     return ck
 
 
@@ -177,31 +178,67 @@ def _complete(url: str, max_tokens: int, result: dict) -> None:
         result["error"] = e
 
 
+def _engine(url: str) -> dict:
+    return httpx.get(url + "/v1/admin/engine", timeout=10).json()
+
+
+def _tokens_lasting(url: str, seconds: float) -> int:
+    """max_tokens of a request that decodes for about `seconds` on this machine now (timed on a short one), so
+    a signal sent once it started lands mid-request however fast or loaded the machine is."""
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", json={"model": "ck", "prompt": "warm up", "max_tokens": 64,
+                                                  "ignore_eos": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    per_token = (time.monotonic() - t0) / 64
+    return max(48, min(CONTEXT - 64, round(seconds / per_token)))
+
+
+def _start_in_flight(url: str, max_tokens: int, result: dict) -> threading.Thread:
+    """A completion of max_tokens, returned once the engine runs it and has decoded a token of it."""
+    before = _engine(url)["generation_tokens_total"]
+    request = threading.Thread(target=_complete, args=(url, max_tokens, result))
+    request.start()
+    deadline = time.monotonic() + 60
+    while (state := _engine(url))["generation_tokens_total"] <= before or not state["num_running"]:
+        assert request.is_alive() and time.monotonic() < deadline, (state, result)
+        time.sleep(0.01)
+    assert request.is_alive(), result
+    return request
+
+
 def test_parent_sigkill_drains_and_stops_child_and_ray(serve):
     s = serve()
     s.wait_serving()
     assert s.procs("raylet") and s.procs("gcs_server") and len(s.procs("ray::ExpertWorkerActor")) == 2
+    # ~2 s of decoding: far longer than the child takes to notice (PDEATHSIG, a 0.1 s loop), far shorter than the
+    # PARENT_GONE_GRACE_S the drain gets
+    max_tokens = _tokens_lasting(s.url, 2.0)
     result: dict = {}
-    request = threading.Thread(target=_complete, args=(s.url, 48, result))
-    request.start()
-    time.sleep(0.5)
+    request = _start_in_flight(s.url, max_tokens, result)
     s.proc.kill()  # SIGKILL: the parent forwards nothing, cleans up nothing
     s.proc.wait(timeout=10)
+    # The child notices and drains: the engine stops accepting while the request is still running.
+    deadline = time.monotonic() + 30
+    try:
+        while (state := _engine(s.url))["accepting"]:
+            assert time.monotonic() < deadline, f"no drain within 30 s:\n{s.log()}"
+            time.sleep(0.01)
+    except httpx.HTTPError as e:  # the HTTP server stops only after the drain
+        raise AssertionError(f"the drain ended before it was seen ({e}); {max_tokens} tokens:\n{s.log()}") from e
+    assert state["num_running"] == 1, (state, max_tokens)
     took = s.assert_all_gone()
     request.join(timeout=30)
-    # The child noticed, and stopped the normal way: it drained the in-flight request.
     assert s.in_log("is gone, shutting down") and s.in_log("draining in-flight") and s.in_log("stopped"), s.log()
     assert "r" in result and result["r"].status_code == 200, result
-    assert result["r"].json()["usage"]["completion_tokens"] == 48
-    print(f"serve and its Ray gone {took:.1f} s after the parent's SIGKILL")
+    assert result["r"].json()["usage"]["completion_tokens"] == max_tokens
+    print(f"serve and its Ray gone {took:.1f} s after the parent's SIGKILL, having drained {max_tokens} tokens")
 
 
 def test_second_ctrl_c_while_draining_forces_exit(serve):
     s = serve()
     s.wait_serving()
-    request = threading.Thread(target=_complete, args=(s.url, 480, {}))  # long: a drain would wait for it
-    request.start()
-    time.sleep(1.0)
+    # long (~20 s of decoding): the drain is still waiting for it when the second Ctrl-C comes
+    request = _start_in_flight(s.url, _tokens_lasting(s.url, 20.0), {})
     s.proc.send_signal(signal.SIGINT)
     s.wait_for("drain", lambda: s.in_log("press Ctrl-C again to force exit") and s.in_log("draining in-flight"), 30)
     assert s.proc.poll() is None  # still draining the request
@@ -250,3 +287,30 @@ def test_signal_during_startup_stops_promptly(serve, when, how):
     s.assert_all_gone()
     assert not any("expertmesh serving" in x for x in s.out)
     print(f"{when}, {how}: serve exited {exited:.1f} s after the signal, rc {rc}")
+
+
+def test_ray_init_keeps_serves_signal_handlers():
+    """A SIGTERM during ray.init killed serve with SIGABRT under load (the driver's C++ failure-signal handler took
+    it mid-connect): while ray.init runs, serve's handlers alone are in place, with SA_RESTART; after, Ray's hooks
+    are back as they were."""
+    import ray._private.ray_constants as ray_constants
+    import ray._private.utils as ray_utils
+
+    from cluster.serve_lifecycle import ServeLifecycle
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure_handler_off = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    life = ServeLifecycle()
+    try:
+        with life.keeping_handlers():
+            ours = signal.getsignal(signal.SIGTERM)
+            assert getattr(ours, "__self__", None) is life
+            ray_utils.set_sigterm_handler(lambda *_: None)  # what ray.init and its Node do
+            assert signal.getsignal(signal.SIGTERM) == ours
+            assert ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER is True  # read when the driver connects
+        assert ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER == failure_handler_off
+        ray_utils.set_sigterm_handler(signal.SIG_DFL)  # Ray's own hook is back afterwards
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
