@@ -208,7 +208,6 @@ class RemoteExperts:
         self.stats = DispatchStats()
         self.plane = ExpertPlane()
         self.step = 0
-        self.on_dispatch = None  # legacy single callback(layer, worker, experts, counts, seconds, sent, received)
         self._listeners: list[DispatchListener] = []
         self._local = threading.local()  # per forward thread: the table its forward started with
         self._swap_lock = threading.Lock()
@@ -423,8 +422,6 @@ class RemoteExperts:
         s.per_worker_rpcs[addr] = s.per_worker_rpcs.get(addr, 0) + 1
         s.per_worker_seconds[addr] = s.per_worker_seconds.get(addr, 0.0) + seconds
         counts = [p.n for p in c.pieces]
-        if self.on_dispatch is not None:
-            self.on_dispatch(layer, addr, experts, counts, seconds, sent, received)
         for fn in self._listeners:
             fn(layer, addr, experts, counts, seconds, sent, received)
 
