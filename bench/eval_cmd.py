@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from .output_paths import check_output_paths
 from .passkey import PasskeyConfig, format_report, plot_passkey, run_passkey
 
 API_KEY_ENV = "EXPERTMESH_API_KEY"
@@ -74,9 +75,7 @@ def config_from_args(args: Any) -> PasskeyConfig:
 
 def run(args: Any) -> int:
     cfg = config_from_args(args)
-    for flag, path in (("--result-file", args.result_file), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag}: the directory of {path!r} does not exist")
+    check_output_paths(args.result_file, args.plot)
     if args.plot:
         import matplotlib  # noqa: F401  (fail on a missing matplotlib before the run, not after)
     result = run_passkey(cfg)

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .loadtest import ENDPOINTS, GOODPUT_METRICS, LoadTestConfig, format_report, run_load_test
+from .output_paths import check_output_paths
 
 API_KEY_ENV = "EXPERTMESH_API_KEY"  # the server's variable (`serve` reads it too)
 
@@ -102,9 +103,7 @@ def config_from_args(args: Any) -> LoadTestConfig:
 
 def run(args: Any) -> int:
     cfg = config_from_args(args)
-    for flag, path in (("--result-file", args.result_file), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag}: the directory of {path!r} does not exist")
+    check_output_paths(args.result_file, args.plot)
     if args.plot:
         from . import plot  # fail on a missing matplotlib before the run, not after
     killer = None

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,14 @@ def prometheus(cluster_sd):
     assert cfg["global"]["scrape_interval"] == "5s"
     cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(d / "file_sd.json")]
     del cfg["scrape_configs"][0]["http_sd_configs"]  # file_sd alone here (tests/deploy covers http_sd)
+    with run_prometheus(d, cfg) as base:
+        yield base
+
+
+@contextmanager
+def run_prometheus(d: Path, cfg: dict, ready_s: float = 30):
+    """A Prometheus process on `cfg` (written to d/prometheus.yml, tsdb and log in d), yielding its base URL once
+    /-/ready answers; killed on exit."""
     (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     log = open(d / "prometheus.log", "w")  # closed below
@@ -65,7 +74,7 @@ def prometheus(cluster_sd):
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + ready_s
         while not _ready(base):
             assert proc.poll() is None and time.monotonic() < deadline, (d / "prometheus.log").read_text()[-3000:]
             time.sleep(0.2)

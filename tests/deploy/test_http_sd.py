@@ -4,7 +4,6 @@ real Prometheus on deploy/prometheus/prometheus.yml, discovering through it, scr
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ from cluster.deployment import ClusterConfig, ExpertCluster
 from model.random_checkpoint import write_checkpoint
 from router.scheduler import EngineConfig
 from router.server import ServerConfig
-from tests.cluster.test_prometheus import PROMETHEUS, free_port, query
+from tests.cluster.test_prometheus import PROMETHEUS, query, run_prometheus
 
 CONFIG = Path(__file__).parents[2] / "deploy" / "prometheus" / "prometheus.yml"
 PATH = "/v1/admin/prometheus_targets"
@@ -80,26 +79,8 @@ def prometheus(served):
     assert sd["url"].endswith(PATH) and "credentials_file" in sd["authorization"]
     sd.update(url=served.url + PATH, refresh_interval="1s")
     sd["authorization"]["credentials_file"] = str(d / "api-key")
-    (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    log = open(d / "prometheus.log", "w")  # closed below
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _ready(base), lambda: (d / "prometheus.log").read_text()[-3000:], proc)
+    with run_prometheus(d, cfg, ready_s=DEADLINE_S) as base:
         yield base
-    finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(base + "/-/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def wait_until(cond, explain=lambda: "", proc=None, deadline_s: float = DEADLINE_S):
