@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from model.random_checkpoint import write_checkpoint
+from tests.ports import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 MARKER = "EXPERTMESH_NETNS_TEST"
@@ -57,12 +58,6 @@ def _free_subnet() -> str:
         if f" 10.231.{n}." not in used:
             return f"10.231.{n}."
     pytest.skip("every 10.231.N.0/24 is in use on this machine")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _marked_pids(marker: str) -> list[int]:
@@ -138,7 +133,7 @@ def two_nodes(tmp_path_factory):
         _ip("netns", "exec", tag, "ip", "addr", "add", f"{node_ip}/24", "dev", ns_if)
         _ip("netns", "exec", tag, "ip", "link", "set", ns_if, "up")
         _ip("netns", "exec", tag, "ip", "link", "set", "lo", "up")
-        port = _free_port(head_ip)
+        port = free_port(head_ip)
         address = f"{head_ip}:{port}"
         common = ["--num-cpus", "2", "--disable-usage-stats", "--block"]
         with open(logs / "head.log", "w") as log:
@@ -202,7 +197,7 @@ def test_join_without_the_ray_token_is_one_clear_line(two_nodes):
 def test_serve_spans_both_nodes(two_nodes):
     head_ip, node_ip = two_nodes["ips"]
     file_sd = two_nodes["logs"] / "file_sd.json"
-    port = _free_port("0.0.0.0")
+    port = free_port("0.0.0.0")
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(two_nodes["model"]), "--workers", "2",
            "--address", two_nodes["address"], "--pg-strategy", "SPREAD", "--host", "0.0.0.0", "--port", str(port),
            "--prometheus-file-sd", str(file_sd)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,18 +19,13 @@ import yaml
 from cluster.deployment import ClusterConfig, ExpertCluster
 from model.random_checkpoint import write_checkpoint
 from tests.cluster.test_metrics_cluster import DASHBOARD, start_server
+from tests.ports import free_port
 from tests.router.test_metrics import REQUESTS, stream_completion
 from tests.scrape import by, scrape
 
 CONFIG = Path(__file__).parents[2] / "deploy" / "prometheus" / "prometheus.yml"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SCRAPE_WAIT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +14,9 @@ import openai
 import pytest
 
 from model.random_checkpoint import write_checkpoint
+from tests.ports import free_port
 
 PROMPTS = [f"Request number {i} asks about experts" for i in range(32)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ stays in that session (Ray's workers get their own process group, not their own 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,18 +17,13 @@ import httpx
 import pytest
 
 from model.random_checkpoint import write_checkpoint
+from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scans /proc")
 
 STARTUP_S = 180  # bound on a full start (Ray, workers, router, HTTP server) on a loaded machine
 GONE_S = 30  # bound on every serve process being gone once serve stopped
 CONTEXT = 4096  # the test checkpoint's positions: room for requests that outlast a signal on a fast machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> tuple[str, int, int, int] | None:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from protos.codec import GRPC_OPTIONS, encode_tensor
 from protos.security import SECRET_METADATA_KEY, DataPlaneSecurity
 from router.remote_experts import RemoteExperts, RoutingTable
 from router.server import ServerConfig
+from tests.ports import free_port
 from workers.expert_worker import ExpertWorker
 from workers.servicer import SERVICE_NAME, serve_worker
 
@@ -188,12 +188,6 @@ def test_worker_on_all_interfaces_advertises_a_reachable_address(ray_session, mi
     finally:
         ray_session.get(actor.stop.remote(), timeout=60)
         ray_session.kill(actor)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
