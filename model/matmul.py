@@ -3,19 +3,20 @@
 `prepare_weight` asks `kernel_choice` for the plan of the weight's (dtype, shape, torch thread count) on this
 machine (cached on disk, measured on first use) and returns a `PreparedWeight`: the weight in the plan's layout
 and the kernel per row count. The candidates, per dtype (those that run on this CPU):
-- fp32: `onednn_packed` (oneDNN inner product on a weight reordered once into its blocked layout), `aten`
-  (F.linear: MKL sgemm, 2-3x slower than oneDNN at a few rows on both CPUs measured so far).
-- bf16: `onednn_packed` (oneDNN's bf16 inner product on the reordered weight: native with AVX512-BF16 or
-  AMX, and there 1.2-3x faster than the rest), `aten` (F.linear in bf16: native or emulated), `upcast` (the
-  product in fp32 through oneDNN, rounded back to bf16; the weight upcast UPCAST_BLOCK_BYTES of fp32 at a
-  time into a reused per-thread buffer, so the fp32 copy stays in cache: the fastest from 6 rows on a 2-core
-  AVX2-only EPYC).
+- `onednn_packed`: oneDNN's inner product on the weight reordered once into its blocked layout (fp32; bf16
+  native with AVX512-BF16 or AMX, and there 1.2-3x faster than the rest).
+- `onednn_plain`: the same product on the plain weight (on an AMX Xeon, fp32 at 1 row up to 1.4x faster
+  than the blocked layout).
+- `aten`: F.linear (MKL sgemm in fp32: at 1-2 rows the fastest on that Xeon; bf16 native or emulated).
+- `upcast` (bf16): the product in fp32 through oneDNN, rounded back to bf16; the weight upcast
+  UPCAST_BLOCK_BYTES of fp32 at a time into a reused per-thread buffer, so the fp32 copy stays in cache (the
+  fastest from 6 rows on a 2-core AVX2-only EPYC).
 - torch._grouped_mm exists on CPU in torch 2.13 but runs each group as a plain mm: 1.5-2x slower than
   `onednn_packed` at 1-16 rows per expert on the AVX512-BF16 EPYC (bench shapes), so it is not a candidate.
 The `fixed` plan (EXPERTMESH_KERNELS=fixed, or where the plan cache cannot be written) is the pre-measurement
-default: fp32 `onednn_packed`, bf16 `upcast` (the fastest from 6 rows on the AVX2-only EPYC, and row-invariant).
-A plan runs one kernel at every row count, a row-invariant one wherever there is one (all but fp32 `aten`), so
-a row's bits never depend on how many rows share its product (see kernel_choice.choose).
+default: fp32 `onednn_packed`, bf16 `upcast`. A measured plan runs one kernel at every row count where a
+measured row-invariant one is within 5% of the fastest mix (see kernel_choice.choose), else the fastest
+kernel of one layout per row-count range.
 On CUDA, and for other dtypes, `prepare_weight` leaves the weight as it is and `linear` is F.linear.
 
 Bit-exactness contracts: every kernel is deterministic for a given (weight, padded row count, thread count), so
@@ -102,10 +103,10 @@ def _plain(w: torch.Tensor) -> torch.Tensor:
 def candidates(dtype: torch.dtype) -> tuple[Candidate, ...]:
     """The kernels that run on this CPU for `dtype` weights, with the layout each reads."""
     found = []
-    if onednn_available(dtype):  # (oneDNN on the plain weight was never faster than one of these, so not timed)
+    if onednn_available(dtype):
         found.append(Candidate("onednn_packed", "onednn_blocked", _pack, _onednn))
-    # MKL's fp32 sgemm picks its blocking by row count, so a row's bits depend on its neighbours' count
-    found.append(Candidate("aten", "plain", _plain, F.linear, row_invariant=dtype != torch.float32))
+        found.append(Candidate("onednn_plain", "plain", _plain, _onednn))
+    found.append(Candidate("aten", "plain", _plain, F.linear))
     if dtype == torch.bfloat16:
         found.append(Candidate("upcast", "plain", _plain, _upcast_linear))
     return tuple(found)
@@ -144,7 +145,8 @@ def resolve_plan(dtype: torch.dtype, shape: tuple[int, int], threads: int, setti
         return fixed_plan(dtype, shape, threads)
     if isinstance(setting, dict) and dtype_name(dtype) in setting:
         return single_kernel_plan(dtype, shape, threads, setting[dtype_name(dtype)])
-    return cached_plan(shape, dtype, list(cands), threads, lambda: fixed_plan(dtype, shape, threads))
+    return cached_plan(shape, dtype, list(cands), threads, lambda: fixed_plan(dtype, shape, threads),
+                       insist_invariant=setting == "invariant")
 
 
 @dataclass(frozen=True)

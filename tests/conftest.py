@@ -6,6 +6,10 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Row-invariant kernels wherever one exists (set before Ray starts, so every actor and serve child runs them):
+# tests compare replicas' and micro-batches' split products with whole ones bit for bit. The default (fastest
+# kernels, bits may depend on the row count) is tested in tests/model/test_kernel_choice.py.
+os.environ.setdefault("EXPERTMESH_KERNELS", "invariant")
 
 
 @pytest.fixture(scope="session")

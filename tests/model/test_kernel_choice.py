@@ -2,6 +2,7 @@
 that measure at once end up running the same plan, and EXPERTMESH_KERNELS overrides the measurement."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from model.kernel_choice import (
     ENV,
+    MEASURED_ROWS,
     Candidate,
     KernelPlan,
     cache_path,
@@ -22,40 +24,52 @@ from model.kernel_choice import (
     choose,
     describe_cpu,
     parse_setting,
+    row_invariant_kernels,
 )
-from model.matmul import candidates, fixed_plan, linear, resolve_plan
+from model.matmul import PreparedWeight, candidates, fixed_plan, linear, resolve_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUTS = {"packed": "blocked", "plain_a": "plain", "plain_b": "plain", "upcast": "plain"}
 
 
-def test_choose_picks_one_kernel_with_the_lowest_mean_slowdown():
+def test_choose_mixes_the_fastest_kernels_of_one_layout_by_row_count():
     timings = {1: {"packed": 1.0, "plain_a": 2.0, "plain_b": 3.0, "upcast": 4.0},
                4: {"packed": 1.0, "plain_a": 2.0, "plain_b": 3.0, "upcast": 4.0},
                16: {"packed": 9.0, "plain_a": 2.0, "plain_b": 3.0},  # upcast dropped (lost at 1 and 4 rows)
                64: {"packed": 9.0, "plain_a": 3.0, "plain_b": 2.0}}
-    # mean slowdowns: packed (1+1+4.5+4.5)/4 = 2.75, plain_a (2+2+1+1.5)/4 = 1.625, plain_b (3+3+1.5+1)/4 = 2.125
-    layout, kernels = choose(timings, LAYOUTS)
-    assert (layout, kernels) == ("plain", ((1, "plain_a"),))
+    # per layout: blocked (packed) costs (1+1+4.5+4.5)/4 = 2.75; plain's mix (a, a, a, b) (2+2+1+1)/4 = 1.5
+    layout, kernels, invariant = choose(timings, LAYOUTS)
+    assert (layout, kernels, invariant) == ("plain", ((1, "plain_a"), (32, "plain_b")), False)
     plan = KernelPlan("bfloat16", (8, 4), 1, layout, kernels, "measured")
-    assert {plan.kernel_for(n) for n in (1, 16, 33, 500)} == {"plain_a"}
+    assert [plan.kernel_for(n) for n in (1, 16, 31, 32, 500)] == ["plain_a"] * 3 + ["plain_b"] * 2
+    # plain_a alone costs 1.625: a row-invariant kernel within 5% of the mix (1.575) would run alone; it is not
+    assert choose(timings, LAYOUTS, row_invariant={"plain_a"})[2] is False
+    assert choose(timings, LAYOUTS, row_invariant={"plain_a"}, tolerance=0.1) == ("plain", ((1, "plain_a"),), True)
 
 
-def test_choose_prefers_row_invariant_kernels():
-    """A faster kernel whose bits depend on the row count loses to a row-invariant one; alone it is taken."""
-    timings = {r: {"packed": 2.0 * r, "plain_a": 1.0 * r} for r in (1, 4, 16, 64)}
-    assert choose(timings, LAYOUTS, row_invariant={"packed"}) == ("blocked", ((1, "packed"),))
-    assert choose(timings, LAYOUTS, row_invariant=set()) == ("plain", ((1, "plain_a"),))
+def test_mixed_ranges_start_at_the_geometric_midpoint():
+    timings = {r: {"aten": 1.0 if r <= 2 else 3.0, "onednn_plain": 2.0} for r in (1, 2, 4, 16, 64)}
+    layouts = {"aten": "plain", "onednn_plain": "plain"}
+    assert choose(timings, layouts) == ("plain", ((1, "aten"), (3, "onednn_plain")), False)
+
+
+def test_choose_takes_a_row_invariant_kernel_within_tolerance_or_when_insisted_on():
+    timings = {r: {"packed": 1.04 * r, "plain_a": 1.0 * r} for r in (1, 4, 16, 64)}
+    assert choose(timings, LAYOUTS, row_invariant={"packed"}) == ("blocked", ((1, "packed"),), True)
+    assert choose(timings, LAYOUTS, row_invariant=set()) == ("plain", ((1, "plain_a"),), False)
+    slow = {r: {"packed": 2.0 * r, "plain_a": 1.0 * r} for r in (1, 4, 16, 64)}
+    assert choose(slow, LAYOUTS, row_invariant={"packed"}) == ("plain", ((1, "plain_a"),), False)
+    assert choose(slow, LAYOUTS, row_invariant={"packed"}, tolerance=math.inf) == ("blocked", ((1, "packed"),), True)
 
 
 def test_choose_prefers_native_bf16_where_it_is_faster():
     """Timings like an AVX512-BF16 CPU's pick oneDNN's bf16 product; an AVX2-only CPU's keep the upcast."""
     native = {r: {"onednn_packed": 0.3 * r, "aten": 0.9 * r, "upcast": 1.4 * r} for r in (1, 4, 16, 64)}
-    assert choose(native, {"onednn_packed": "blocked", "aten": "plain", "upcast": "plain"}) == (
-        "blocked", ((1, "onednn_packed"),))
+    assert choose(native, {"onednn_packed": "blocked", "aten": "plain", "upcast": "plain"}, {"onednn_packed"}) == (
+        "blocked", ((1, "onednn_packed"),), True)
     avx2 = {1: {"aten": 0.5, "upcast": 0.8}, 4: {"aten": 2.0, "upcast": 0.9},
             16: {"aten": 8.0, "upcast": 1.2}, 64: {"upcast": 3.0}}
-    assert choose(avx2, {"aten": "plain", "upcast": "plain"}) == ("plain", ((1, "upcast"),))
+    assert choose(avx2, {"aten": "plain", "upcast": "plain"}, {"upcast"}) == ("plain", ((1, "upcast"),), True)
 
 
 def test_choose_needs_every_row_count():
@@ -65,13 +79,31 @@ def test_choose_needs_every_row_count():
     assert choose({1: {"packed": 1.0, "plain_a": 2.0}, 4: {"plain_a": 2.0}}, LAYOUTS)[0] == "plain"
 
 
+def _exact(x, w):  # one row at a time: the same bits whatever the product's rows
+    return torch.stack([F.linear(r, w) for r in x]) if len(x) else F.linear(x, w)
+
+
+def test_row_invariance_is_measured_not_assumed():
+    """A kernel whose rows depend on the product's row count, or on a row's position in it, is found out."""
+    def by_count(x, w):
+        return F.linear(x, w) + x.shape[0] * 1e-3
+
+    def by_position(x, w):
+        return F.linear(x, w) + (torch.arange(x.shape[0]) >= 40).to(x.dtype)[:, None]
+
+    cands = [Candidate(n, "plain", lambda w: w, run) for n, run in
+             (("exact", _exact), ("by_count", by_count), ("by_position", by_position))]
+    assert row_invariant_kernels((16, 8), torch.float32, cands) == {"exact"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_invariant_kernels_give_a_row_the_same_bits_at_any_row_count(dtype):
-    """What `row_invariant` promises, checked on every candidate that claims it."""
+def test_kernels_found_row_invariant_are(dtype):
+    """What row_invariant_kernels reports holds for other rows and values (a real shape of the tests)."""
+    found = row_invariant_kernels((512, 256), dtype, list(candidates(dtype)))
     g = torch.Generator().manual_seed(4)
     w = torch.randn(512, 256, generator=g).to(dtype)
     x = torch.randn(70, 256, generator=g).to(dtype)
-    for c in (c for c in candidates(dtype) if c.row_invariant):
+    for c in (c for c in candidates(dtype) if c.name in found):
         pw = c.prepare(w)
         alone = torch.cat([c.run(x[i:i + 1], pw) for i in (0, 5, 16)])
         for n in (17, 24, 33, 64, 70):
@@ -175,10 +207,17 @@ def test_measured_plan_for_real_kernels(tmp_path, monkeypatch):
     plan = cached_plan((48, 40), torch.bfloat16, cands, torch.get_num_threads(), fixed=lambda: pytest.fail("x"))
     assert time.perf_counter() - t0 < 10
     assert plan.source == "measured" and {k for _, k in plan.kernels} <= {c.name for c in cands}
-    assert sorted(dict(plan.timings_ms)) == [1, 4, 16, 64]
+    assert sorted(dict(plan.timings_ms)) == list(MEASURED_ROWS)
     assert cached_plan((48, 40), torch.bfloat16, cands, torch.get_num_threads(), fixed=lambda: None).source == "cache"
     resolved = resolve_plan(torch.bfloat16, (48, 40), torch.get_num_threads(), "measure")
     assert (resolved.layout, resolved.kernels) == (plan.layout, plan.kernels)
+    # `invariant` insists on a row-invariant kernel (one exists at this shape), in a cache file of its own
+    strict = resolve_plan(torch.bfloat16, (48, 40), torch.get_num_threads(), "invariant")
+    assert strict.row_invariant and len(strict.kernels) == 1 and "[row-invariant]" in strict.describe()
+    assert len(list((tmp_path / "expertmesh" / "kernels").iterdir())) == 2
+    w = PreparedWeight.build(torch.randn(48, 40).to(torch.bfloat16), strict)
+    x = torch.randn(40, 40).to(torch.bfloat16)
+    assert torch.equal(w(x)[[0, 9, 33]], torch.cat([w(x[i:i + 1]) for i in (0, 9, 33)]))
 
 
 def test_environment_override(tmp_path, monkeypatch):
@@ -200,8 +239,8 @@ def test_environment_override(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("fast", "expected 'measure', 'fixed' or dtype=kernel"),
-    ("float16=aten", "expected 'measure', 'fixed' or dtype=kernel"),
+    ("fast", "expected 'measure', 'invariant', 'fixed' or dtype=kernel"),
+    ("float16=aten", "expected 'measure', 'invariant', 'fixed' or dtype=kernel"),
     ("bfloat16=warp", "kernel 'warp' for bfloat16 is not available here"),
     ("float32=upcast", "kernel 'upcast' for float32"),
 ])

@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def workers(model_dir):  # measured plans run one row-invariant kernel per weight: splits agree bit for bit
+def workers(model_dir):  # EXPERTMESH_KERNELS=invariant (tests/conftest.py): splits agree bit for bit
     ws = Workers(model_dir, [ALL, [p for p in ALL if p[1] < 4], [p for p in ALL if p[1] >= 4]])
     yield ws
     ws.close()

@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def workers(model_dir):
-    # measured kernel plans (model/kernel_choice.py) run one row-invariant kernel: splits agree bit for bit
+    # EXPERTMESH_KERNELS=invariant (tests/conftest.py) runs one row-invariant kernel: splits agree bit for bit
     # w0 hosts everything; w1 experts 0-3, w2 experts 4-7 (each in both layers)
     ws = Workers(model_dir, [ALL, [p for p in ALL if p[1] < 4], [p for p in ALL if p[1] >= 4]])
     yield ws
