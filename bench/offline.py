@@ -142,6 +142,8 @@ class DistributedBench:
     prompt_len: int = 16
     gen_len: int = 32
     router_cpus: int = 2  # torch threads of the router (and of the in-process baseline)
+    worker_cpus: int = 1  # torch threads per expert worker
+    overlap: tuple[bool, ...] = (False, True)  # rows without and with micro-batch overlap (ping-pong)
     repeats: int = 3  # interleaved pairs (in-process, distributed); the best of each is reported
     seed: int = 0
 
@@ -166,39 +168,43 @@ def run_distributed_bench(cfg: DistributedBench, log=print) -> list[dict]:
     rows = []
     steps = cfg.gen_len  # one prefill step + gen_len - 1 decode steps
     for n in cfg.workers:
-        cluster_cfg = ClusterConfig(cfg.model_dir, n, cfg.dtype, router_cpus=cfg.router_cpus)
+        cluster_cfg = ClusterConfig(cfg.model_dir, n, cfg.dtype, router_cpus=cfg.router_cpus,
+                                    worker_cpus=cfg.worker_cpus)
         with ExpertCluster(cluster_cfg) as cluster:
             router = cluster.router
             ray.get(router.generate.remote(warm, SamplingParams(max_tokens=2, ignore_eos=True)))
             for batch in cfg.batch_sizes:
                 prompts = make_prompts(batch, cfg.prompt_len, vocab, cfg.seed)
                 tokens = batch * cfg.gen_len
-                local_s, runs = [], []
+                modes = [o for o in cfg.overlap if not o or batch > 1]  # one sequence has nothing to split
+                local_s, runs = [], {o: [] for o in modes}
                 for _ in range(cfg.repeats):
                     local_s.append(time_ours(local, prompts, cfg.gen_len))
-                    runs.append(_time_distributed(ray, router, prompts, cfg.gen_len))
-                seconds, d = min(runs, key=lambda r: r[0])
+                    for o in modes:
+                        runs[o].append(_time_distributed(ray, router, prompts, cfg.gen_len, o))
                 local_tok_s = tokens / min(local_s)
                 baseline[batch] = max(baseline.get(batch, 0.0), local_tok_s)
-                tok_s = tokens / seconds
-                pair_ratios = [ls / rs for ls, (rs, _) in zip(local_s, runs, strict=True)]
-                row = {"config": f"{n} workers", "batch": batch, "tok_s": tok_s, "ratio": tok_s / local_tok_s,
-                       "ratio_median": statistics.median(pair_ratios),
-                       "in_process_tok_s": local_tok_s, "rpcs_per_step": d["rpcs"] / steps,
-                       "decode_kb_per_step": (d["bytes_sent"] + d["bytes_received"]) / steps / 1024,
-                       "router_s": seconds - d["wall_seconds"], "wire_s": d["wall_seconds"] - d["expert_seconds"],
-                       "expert_s": d["expert_seconds"]}
-                log(format_row(row))
-                rows.append(row)
+                for o in modes:
+                    seconds, d = min(runs[o], key=lambda r: r[0])
+                    tok_s = tokens / seconds
+                    pair_ratios = [ls / rs for ls, (rs, _) in zip(local_s, runs[o], strict=True)]
+                    row = {"config": f"{n} workers" + (", overlap" if o else ""), "batch": batch, "tok_s": tok_s,
+                           "ratio": tok_s / local_tok_s, "ratio_median": statistics.median(pair_ratios),
+                           "in_process_tok_s": local_tok_s, "rpcs_per_step": d["rpcs"] / steps,
+                           "decode_kb_per_step": (d["bytes_sent"] + d["bytes_received"]) / steps / 1024,
+                           "router_s": seconds - d["wall_seconds"],
+                           "wire_s": d["wall_seconds"] - d["expert_seconds"], "expert_s": d["expert_seconds"]}
+                    log(format_row(row))
+                    rows.append(row)
     del local
     return [{"config": "in-process", "batch": b, "tok_s": v, "ratio": 1.0} for b, v in baseline.items()] + rows
 
 
-def _time_distributed(ray, router, prompts: list[list[int]], gen_len: int) -> tuple[float, dict]:
+def _time_distributed(ray, router, prompts: list[list[int]], gen_len: int, overlap: bool) -> tuple[float, dict]:
     """Seconds of one generate call through the router actor, and the dispatch counters it added."""
     before = ray.get(router.dispatch_stats.remote())
     t0 = time.perf_counter()
-    ray.get(router.generate.remote(prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True)))
+    ray.get(router.generate.remote(prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True), overlap=overlap))
     seconds = time.perf_counter() - t0
     after = ray.get(router.dispatch_stats.remote())
     keys = ("rpcs", "bytes_sent", "bytes_received", "wall_seconds", "expert_seconds")

@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
     p.add_argument("--request-timeout", type=positive_float, metavar="S",
                    help="a request not finished S seconds after arrival fails with 503 (default: no deadline; a "
                         "request waits out any expert worker recovery)")
+    p.add_argument("--overlap", action="store_true",
+                   help="run each step of 2+ sequences as two micro-batches: the router computes one's attention "
+                        "while the expert workers run the other's experts (`expertmesh bench --sections "
+                        "distributed` measures both ways)")
     p.add_argument("--dispatch-timeout", type=positive_float, default=10.0, metavar="S",
                    help="deadline of one expert Dispatch RPC; a worker that misses it is treated as dead and "
                         "replaced (default 10)")
@@ -172,7 +176,7 @@ def _serve(args, life: ServeLifecycle) -> int:
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_mb * 1024 * 1024, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                           max_model_len=args.max_model_len, queue_timeout_s=args.queue_timeout,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, overlap=args.overlap)
     security = data_plane_security(args)  # reads the --grpc-tls-* files: fail before starting anything
     from model.config import MixtralConfig
     placing = rebalance_settings(args, MixtralConfig.from_file(model_dir).num_local_experts)

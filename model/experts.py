@@ -21,6 +21,24 @@ class ExpertBackend(Protocol):
                  weights: torch.Tensor) -> torch.Tensor: ...
 
 
+class SplitExpertBackend(ExpertBackend, Protocol):
+    """A backend whose layer call splits in two, so the caller computes meanwhile (remote experts): `submit`
+    sends the rows and returns a handle, `wait` gives the mix [T, D], `cancel` drops a handle not waited for.
+    first_part=False: another micro-batch of the forward whose layer 0 was submitted first."""
+
+    def submit(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+               first_part: bool = True) -> object: ...
+
+    def wait(self, pending: object) -> torch.Tensor: ...
+
+    def cancel(self, pending: object) -> None: ...
+
+
+def can_overlap(experts: object) -> bool:
+    """Whether `experts` runs elsewhere and can split a layer call (`SplitExpertBackend`)."""
+    return all(callable(getattr(experts, n, None)) for n in ("submit", "wait", "cancel"))
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
     """One SwiGLU expert: w13 = cat(w1 gate, w3 up) [2I, D], w2 down [D, I], as `prepare_weight` lays them out

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .layers import AttentionBatch
+from .experts import can_overlap
+from .layers import AttentionBatch, micro_batches
 from .mixtral import Mixtral
 from .sampling import SamplingParams, sample_batch
 
 
 def generate(model: Mixtral, prompts: list[list[int]], params: SamplingParams, block_size: int = 16,
-             return_logits: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
+             return_logits: bool = False, overlap: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Prefill all prompts in one step, then decode them together; each stops at EOS/stop ids or max_tokens.
+    overlap: steps of two or more sequences run as two micro-batches whose attention and remote experts
+    overlap (`Mixtral.forward_ping_pong`), where the model's experts can (`can_overlap`).
 
     Returns the generated ids per prompt and, with return_logits, the fp32 logits [n, V] that chose them.
     """
@@ -34,11 +37,15 @@ def generate(model: Mixtral, prompts: list[list[int]], params: SamplingParams, b
     lens = [len(p) for p in prompts]
     step_ids = [list(p) for p in prompts]
     while active:
-        batch = AttentionBatch.build([(tables[i], lens[i], len(step_ids[i])) for i in active], block_size,
-                                     cfg.sliding_window, model.device)
+        seqs = [(tables[i], lens[i], len(step_ids[i])) for i in active]
         ids = torch.tensor([t for i in active for t in step_ids[i]], dtype=torch.long, device=model.device)
-        hidden = model.forward(ids, batch, kv)
-        logits = model.logits(hidden[batch.last_token])
+        if overlap and len(active) > 1 and can_overlap(model.experts):
+            parts, last_token = micro_batches(seqs, block_size, cfg.sliding_window, model.device)
+            hidden = model.forward_ping_pong(ids, parts, kv)
+        else:
+            batch = AttentionBatch.build(seqs, block_size, cfg.sliding_window, model.device)
+            hidden, last_token = model.forward(ids, batch, kv), batch.last_token
+        logits = model.logits(hidden[last_token])
         chosen = sample_batch(logits, [params] * len(active), [gens[i] for i in active])
         failed = next((c for c in chosen if isinstance(c, str)), None)
         if failed is not None:

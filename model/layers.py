@@ -99,6 +99,25 @@ class AttentionBatch:
             mask=mask[:, None].to(device), last_token=torch.tensor(last, dtype=torch.long, device=device))
 
 
+def micro_batches(seqs: list[tuple[list[int], int, int]], block_size: int, sliding_window: int | None,
+                  device: torch.device | str = "cpu") -> tuple[list[AttentionBatch], torch.Tensor]:
+    """Two AttentionBatches over the sequences' halves (cut where their new tokens are closest to equal; each
+    sequence whole, order kept) for `Mixtral.forward_ping_pong`, and each sequence's last new token's row in
+    the whole step [B] (as AttentionBatch.last_token). Needs at least two sequences."""
+    if len(seqs) < 2:
+        raise ValueError("micro-batches need at least two sequences")
+    q = [n for _, _, n in seqs]
+    total, before, cut, gap = sum(q), 0, 1, None
+    for k in range(1, len(seqs)):
+        before += q[k - 1]
+        if gap is None or abs(total - 2 * before) < gap:
+            cut, gap = k, abs(total - 2 * before)
+    parts = [AttentionBatch.build(seqs[:cut], block_size, sliding_window, device),
+             AttentionBatch.build(seqs[cut:], block_size, sliding_window, device)]
+    first = parts[0].positions.shape[0]
+    return parts, torch.cat([parts[0].last_token, parts[1].last_token + first])
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
     """q [T, H, hd], k/v [T, KVH, hd] for the new tokens; caches [slots, KVH, hd] (written in place).

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MixtralConfig
-from .experts import ExpertBackend, ExpertWeights, LocalExperts
+from .experts import ExpertBackend, ExpertWeights, LocalExperts, SplitExpertBackend
 from .layers import AttentionBatch, apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, route
 from .loader import LoadStats, load_tensors, parse_dtype
 from .matmul import linear, prepare_weight
@@ -96,21 +96,62 @@ class Mixtral:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv: KVCache) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, D]; writes the new tokens' K/V into `kv`."""
-        cfg = self.cfg
-        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = F.embedding(input_ids, self.embed)  # [T, D]
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
-        for i, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.ln_attn, cfg.rms_norm_eps)
-            q, k, v = linear(h, lw.wqkv).split([H * hd, KVH * hd, KVH * hd], dim=-1)
-            q = apply_rope(q.view(-1, H, hd), cos, sin)
-            k = apply_rope(k.view(-1, KVH, hd), cos, sin)
-            attn = paged_attention(q, k, v.view(-1, KVH, hd), kv.k[i], kv.v[i], batch, self.scale)
-            x = x + linear(attn, lw.wo)
-            h = rms_norm(x, lw.ln_moe, cfg.rms_norm_eps)
-            weights, expert_ids = route(F.linear(h, lw.gate), cfg.num_experts_per_tok)
+        cos_sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        for i in range(len(self.layers)):
+            x = self._attention(i, x, batch, cos_sin, kv)
+            h, weights, expert_ids = self._route(i, x)
             x = x + self.experts(i, h, expert_ids, weights)
-        return rms_norm(x, self.norm, cfg.rms_norm_eps)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward_ping_pong(self, input_ids: torch.Tensor, parts: list[AttentionBatch], kv: KVCache) -> torch.Tensor:
+        """`forward` over micro-batches (`parts`: each one's AttentionBatch, their tokens consecutive in
+        input_ids), overlapped: while the expert workers run one part's layer, this process runs the next
+        part's attention (MegaScale-Infer's ping-pong). Needs a `SplitExpertBackend`. Each part's rows equal
+        `forward` on that part alone; [T, D] in input_ids order."""
+        experts: SplitExpertBackend = self.experts  # type: ignore[assignment]
+        sizes = [int(p.positions.shape[0]) for p in parts]
+        xs = list(F.embedding(input_ids, self.embed).split(sizes))
+        cos_sin = [rope_cos_sin(p.positions, self.inv_freq, xs[0].dtype) for p in parts]
+        pending: list[object | None] = [None] * len(parts)
+        after_attn: list[torch.Tensor] = list(xs)
+        try:
+            for i in range(len(self.layers)):
+                for j, part in enumerate(parts):
+                    if pending[j] is not None:  # this part's previous layer: its experts ran meanwhile
+                        xs[j] = after_attn[j] + experts.wait(pending[j])
+                        pending[j] = None
+                    after_attn[j] = self._attention(i, xs[j], part, cos_sin[j], kv)
+                    h, weights, expert_ids = self._route(i, after_attn[j])
+                    pending[j] = experts.submit(i, h, expert_ids, weights, first_part=j == 0)
+            for j in range(len(parts)):
+                xs[j] = after_attn[j] + experts.wait(pending[j])
+                pending[j] = None
+        finally:
+            for handle in pending:
+                if handle is not None:
+                    experts.cancel(handle)
+        return rms_norm(torch.cat(xs), self.norm, self.cfg.rms_norm_eps)
+
+    def _attention(self, i: int, x: torch.Tensor, batch: AttentionBatch, cos_sin, kv: KVCache) -> torch.Tensor:
+        """x [T, D] -> x + attention of layer i (K/V of the new tokens written into `kv`)."""
+        cfg, lw = self.cfg, self.layers[i]
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        cos, sin = cos_sin
+        h = rms_norm(x, lw.ln_attn, cfg.rms_norm_eps)
+        q, k, v = linear(h, lw.wqkv).split([H * hd, KVH * hd, KVH * hd], dim=-1)
+        q = apply_rope(q.view(-1, H, hd), cos, sin)
+        k = apply_rope(k.view(-1, KVH, hd), cos, sin)
+        attn = paged_attention(q, k, v.view(-1, KVH, hd), kv.k[i], kv.v[i], batch, self.scale)
+        return x + linear(attn, lw.wo)
+
+    def _route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MoE input of layer i and its routing: (h [T, D], weights [T, k], expert_ids [T, k])."""
+        lw = self.layers[i]
+        h = rms_norm(x, lw.ln_moe, self.cfg.rms_norm_eps)
+        weights, expert_ids = route(F.linear(h, lw.gate), self.cfg.num_experts_per_tok)
+        return h, weights, expert_ids
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

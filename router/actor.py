@@ -61,9 +61,9 @@ class RouterActor:
             host = ray.util.get_node_ip_address()
         return f"http://{host}:{self.server.port}/metrics"
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 return_logits: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
-        return generate(self.model, prompts, params, return_logits=return_logits)
+    def generate(self, prompts: list[list[int]], params: SamplingParams, return_logits: bool = False,
+                 overlap: bool = False) -> tuple[list[list[int]], list[torch.Tensor]]:
+        return generate(self.model, prompts, params, return_logits=return_logits, overlap=overlap)
 
     def dispatch_stats(self) -> dict:
         s = self.backend.stats

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.layers import AttentionBatch
+from model.experts import can_overlap
+from model.layers import AttentionBatch, micro_batches
 from model.mixtral import Mixtral
 from model.sampling import SamplingParamError, sample_batch
 
@@ -56,7 +57,8 @@ class _Batch:
 
     chunks: list[Chunk]
     input_ids: torch.Tensor  # [T]
-    attn: AttentionBatch
+    parts: list[AttentionBatch]  # one, or two micro-batches (EngineConfig.overlap)
+    last_token: torch.Tensor  # [len(chunks)] row in T of each chunk's last token
     sample_rows: list[int]  # indices into chunks whose last row is sampled
 
 
@@ -367,18 +369,25 @@ class Engine:
             end = s.num_computed + c.num_tokens
             ids.extend(s.token_ids[s.num_computed:end])
             seqs.append((list(self.scheduler.blocks.table(s.request_id)), end, c.num_tokens))
-        device = self.model.device
-        attn = AttentionBatch.build(seqs, self.config.block_size, self.model.cfg.sliding_window, device)
-        return _Batch(chunks=chunks, input_ids=torch.tensor(ids, dtype=torch.long, device=device), attn=attn,
-                      sample_rows=[i for i, c in enumerate(chunks) if c.samples])
+        device, window = self.model.device, self.model.cfg.sliding_window
+        if self.config.overlap and len(seqs) > 1 and can_overlap(self.model.experts):
+            parts, last_token = micro_batches(seqs, self.config.block_size, window, device)
+        else:
+            attn = AttentionBatch.build(seqs, self.config.block_size, window, device)
+            parts, last_token = [attn], attn.last_token
+        return _Batch(chunks=chunks, input_ids=torch.tensor(ids, dtype=torch.long, device=device), parts=parts,
+                      last_token=last_token, sample_rows=[i for i, c in enumerate(chunks) if c.samples])
 
     def _run(self, batch: _Batch) -> list[TokenOutput | str]:
         """The forward and sampling; touches no shared state, so it runs without the lock."""
-        hidden = self.model.forward(batch.input_ids, batch.attn, self.kv)
+        if len(batch.parts) > 1:
+            hidden = self.model.forward_ping_pong(batch.input_ids, batch.parts, self.kv)
+        else:
+            hidden = self.model.forward(batch.input_ids, batch.parts[0], self.kv)
         if not batch.sample_rows:
             return []
         seqs = [batch.chunks[i].seq for i in batch.sample_rows]
-        logits = self.model.logits(hidden[batch.attn.last_token[batch.sample_rows]])  # [S, V] fp32
+        logits = self.model.logits(hidden[batch.last_token[batch.sample_rows]])  # [S, V] fp32
         tokens = sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         out = []
         for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):

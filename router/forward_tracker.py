@@ -66,3 +66,9 @@ class TrackedMixtral(Mixtral):
             return super().forward(*args, **kwargs)
         with self.tracker.forward():
             return super().forward(*args, **kwargs)
+
+    def forward_ping_pong(self, *args, **kwargs):
+        if self.tracker is None:
+            return super().forward_ping_pong(*args, **kwargs)
+        with self.tracker.forward():
+            return super().forward_ping_pong(*args, **kwargs)

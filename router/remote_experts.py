@@ -296,6 +296,11 @@ class RemoteExperts:
                 call.send(self.timeout_s, self.call_metadata, block=False)
         return pending
 
+    def cancel(self, pending: PendingLayer) -> None:
+        """Drop a submitted layer that will not be waited for (the forward failed in its other micro-batch)."""
+        for call in pending.calls:
+            call.cancel()
+
     def wait(self, pending: PendingLayer) -> torch.Tensor:
         """The layer's expert mix [T, D]; rows of workers found down are re-sent to live replicas first."""
         layer, x_sorted = pending.layer, pending.x_sorted

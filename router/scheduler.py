@@ -39,6 +39,7 @@ class EngineConfig:
     request_timeout_s: float | None = None  # a request not finished this many seconds after arrival fails (503)
     step_retry_delays_s: tuple[float, ...] = (0.05,)  # a failed forward is retried after each delay, then
     #                                                   bisected to the request(s) at fault
+    overlap: bool = False  # steps of 2+ sequences run as two micro-batches, attention overlapping remote experts
 
     def num_blocks(self, cfg: MixtralConfig, dtype: torch.dtype) -> int:
         if self.num_kv_blocks is not None:
