@@ -79,6 +79,7 @@ class Engine:
         self._generation_tokens = 0
         self._last_step = (0.0, 0)
         self._failed_steps = 0
+        self._overlapped_steps = 0
         self._recovering = False
         self.last_step_scheduled = False  # the last step() ran a forward (else it only returned outputs)
         self.metrics = metrics  # None: record nothing
@@ -170,7 +171,7 @@ class Engine:
                 num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
                 generation_tokens_total=self._generation_tokens, last_step_seconds=self._last_step[0],
                 last_step_tokens=self._last_step[1], failed_steps_total=self._failed_steps,
-                recovering=self._recovering)
+                recovering=self._recovering, overlapped_steps_total=self._overlapped_steps)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -382,6 +383,8 @@ class Engine:
         """The forward and sampling; touches no shared state, so it runs without the lock."""
         if len(batch.parts) > 1:
             hidden = self.model.forward_ping_pong(batch.input_ids, batch.parts, self.kv)
+            with self._lock:
+                self._overlapped_steps += 1
         else:
             hidden = self.model.forward(batch.input_ids, batch.parts[0], self.kv)
         if not batch.sample_rows:

@@ -58,3 +58,4 @@ class EngineStats:
     last_step_tokens: int  # new tokens in the last step's batch
     failed_steps_total: int = 0  # forwards that raised (each retried, then bisected to the request at fault)
     recovering: bool = False  # the last forward failed and is being retried
+    overlapped_steps_total: int = 0  # forwards run as two overlapped micro-batches (EngineConfig.overlap)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,7 +97,8 @@ def bf16_prompt(ck):
 
 
 FLAGGED = ("--workers", "2", "--served-model-name", "flagged", "--max-model-len", "256", "--no-expert-metrics",
-           "--pg-strategy", "SPREAD", "--max-num-batched-tokens", "32", "--kv-cache-mb", "3", "--dtype", "bfloat16")
+           "--pg-strategy", "SPREAD", "--max-num-batched-tokens", "32", "--kv-cache-mb", "3", "--dtype", "bfloat16",
+           "--overlap")
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +166,21 @@ def test_max_num_batched_tokens(flagged):
     count = total(m, "expertmesh_step_batch_tokens_count")
     assert count > 0 and steps[("32.0",)] == count and steps[("16.0",)] < count
     assert admin(flagged.url)["last_step_tokens"] <= 32
+
+
+def test_overlap(flagged, launched):
+    """--overlap: steps of two or more sequences run as two micro-batches (counted by the engine); one
+    sequence alone never is. The default server never overlaps."""
+    before = admin(flagged.url)["overlapped_steps_total"]
+    assert complete(flagged.url, prompt=[5, 6, 7], max_tokens=3, ignore_eos=True).status_code == 200
+    assert admin(flagged.url)["overlapped_steps_total"] == before
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda i: complete(flagged.url, prompt=[5 + i, 6, 7], max_tokens=24, ignore_eos=True),
+                           range(4)))
+    assert [r.status_code for r in rs] == [200] * 4
+    assert all(r.json()["usage"]["completion_tokens"] == 24 for r in rs)
+    assert admin(flagged.url)["overlapped_steps_total"] > before
+    assert admin(launched.default.wait_serving().url)["overlapped_steps_total"] == 0
 
 
 def fill_to_the_bound(url: str, seen: list[int]) -> bool | None:
