@@ -32,6 +32,10 @@ def test_all_sections_produce_tables_and_json(ck, tmp_path, capsys, ray_session)
     # one pair per batch (--repeats 1): its ratio is also the median pair ratio
     assert all(r["ratio_median"] == pytest.approx(r["ratio"]) for r in dist)
     assert [r["batch"] for r in report["distributed"] if r["config"] == "in-process"] == [1, 4]
+    # overlap rows where there are two sequences to split: twice the Dispatches, no wall-clock split
+    (over,) = [r for r in report["distributed"] if r["config"] == "2 workers, overlap"]
+    assert over["batch"] == 4 and over["tok_s"] > 0 and over["router_s"] is None and over["wire_s"] is None
+    assert over["rpcs_per_step"] > dist[1]["rpcs_per_step"]
     ours, hf = report["serving"]
     assert ours["completed"] == 8 and ours["failed"] == 0 and hf["completed"] == 8
     assert ours["output_tok_s"] > 0 and ours["vs_hf"] > 0
