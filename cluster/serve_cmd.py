@@ -49,10 +49,11 @@ def add_parser(sub) -> None:
     p.add_argument("--request-timeout", type=positive_float, metavar="S",
                    help="a request not finished S seconds after arrival fails with 503 (default: no deadline; a "
                         "request waits out any expert worker recovery)")
-    p.add_argument("--overlap", action="store_true",
+    p.add_argument("--overlap", choices=("off", "on", "auto"), default="off",
                    help="run each step of 2+ sequences as two micro-batches: the router computes one's attention "
-                        "while the expert workers run the other's experts (`expertmesh bench --sections "
-                        "distributed` measures both ways)")
+                        "while the expert workers run the other's experts; auto: per kind and size of step, time "
+                        "both ways and keep the faster (default off: slower on machines where the router and "
+                        "workers share cores; `expertmesh bench --sections distributed` measures both)")
     p.add_argument("--dispatch-timeout", type=positive_float, default=10.0, metavar="S",
                    help="deadline of one expert Dispatch RPC; a worker that misses it is treated as dead and "
                         "replaced (default 10)")

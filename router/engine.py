@@ -35,6 +35,7 @@ from model.sampling import SamplingParamError, sample_batch
 from .errors import STATUS_INTERNAL, STATUS_UNAVAILABLE, EngineDeadError, InvalidRequest
 from .expert_plane import ExpertPlane, ExpertUnavailableError
 from .metrics import RouterMetrics
+from .overlap_choice import OverlapChooser
 from .requests import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -57,9 +58,10 @@ class _Batch:
 
     chunks: list[Chunk]
     input_ids: torch.Tensor  # [T]
-    parts: list[AttentionBatch]  # one, or two micro-batches (EngineConfig.overlap)
+    parts: list[AttentionBatch]  # one, or two overlapped micro-batches (EngineConfig.overlap)
     last_token: torch.Tensor  # [len(chunks)] row in T of each chunk's last token
     sample_rows: list[int]  # indices into chunks whose last row is sampled
+    has_prefill: bool  # a chunk has more than one new token
 
 
 class Engine:
@@ -80,6 +82,7 @@ class Engine:
         self._last_step = (0.0, 0)
         self._failed_steps = 0
         self._overlapped_steps = 0
+        self._overlap = OverlapChooser(config.overlap if can_overlap(model.experts) else "off")
         self._recovering = False
         self.last_step_scheduled = False  # the last step() ran a forward (else it only returned outputs)
         self.metrics = metrics  # None: record nothing
@@ -171,7 +174,8 @@ class Engine:
                 num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self._prompt_tokens,
                 generation_tokens_total=self._generation_tokens, last_step_seconds=self._last_step[0],
                 last_step_tokens=self._last_step[1], failed_steps_total=self._failed_steps,
-                recovering=self._recovering, overlapped_steps_total=self._overlapped_steps)
+                recovering=self._recovering, overlapped_steps_total=self._overlapped_steps,
+                overlap_choices=self._overlap.choices())
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -353,6 +357,7 @@ class Engine:
             batch = self._prepare(chunks)
         seeded = [(s.generator, s.generator.get_state()) for s in (c.seq for c in chunks if c.samples)
                   if s.generator is not None]
+        t0 = time.monotonic()
         try:
             sampled = self._run(batch)
         except BaseException:
@@ -360,6 +365,8 @@ class Engine:
                 g.set_state(state)
             raise
         with self._lock:
+            self._overlap.record(len(chunks), batch.has_prefill, len(batch.parts) > 1, time.monotonic() - t0,
+                                 int(batch.input_ids.shape[0]))
             return self._postprocess(chunks, sampled)
 
     def _prepare(self, chunks: list[Chunk]) -> _Batch:
@@ -371,13 +378,15 @@ class Engine:
             ids.extend(s.token_ids[s.num_computed:end])
             seqs.append((list(self.scheduler.blocks.table(s.request_id)), end, c.num_tokens))
         device, window = self.model.device, self.model.cfg.sliding_window
-        if self.config.overlap and len(seqs) > 1 and can_overlap(self.model.experts):
+        has_prefill = any(c.num_tokens > 1 for c in chunks)
+        if self._overlap.split(len(seqs), has_prefill):
             parts, last_token = micro_batches(seqs, self.config.block_size, window, device)
         else:
             attn = AttentionBatch.build(seqs, self.config.block_size, window, device)
             parts, last_token = [attn], attn.last_token
         return _Batch(chunks=chunks, input_ids=torch.tensor(ids, dtype=torch.long, device=device), parts=parts,
-                      last_token=last_token, sample_rows=[i for i, c in enumerate(chunks) if c.samples])
+                      last_token=last_token, sample_rows=[i for i, c in enumerate(chunks) if c.samples],
+                      has_prefill=has_prefill)
 
     def _run(self, batch: _Batch) -> list[TokenOutput | str]:
         """The forward and sampling; touches no shared state, so it runs without the lock."""

@@ -59,3 +59,4 @@ class EngineStats:
     failed_steps_total: int = 0  # forwards that raised (each retried, then bisected to the request at fault)
     recovering: bool = False  # the last forward failed and is being retried
     overlapped_steps_total: int = 0  # forwards run as two overlapped micro-batches (EngineConfig.overlap)
+    overlap_choices: dict[str, str] = field(default_factory=dict)  # overlap=auto: per step group, on/off/probing

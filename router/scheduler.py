@@ -39,7 +39,8 @@ class EngineConfig:
     request_timeout_s: float | None = None  # a request not finished this many seconds after arrival fails (503)
     step_retry_delays_s: tuple[float, ...] = (0.05,)  # a failed forward is retried after each delay, then
     #                                                   bisected to the request(s) at fault
-    overlap: bool = False  # steps of 2+ sequences run as two micro-batches, attention overlapping remote experts
+    overlap: str = "off"  # on | off | auto: steps of 2+ sequences as two micro-batches, one's attention
+    #                      overlapping the other's remote experts; auto measures (router/overlap_choice.py)
 
     def num_blocks(self, cfg: MixtralConfig, dtype: torch.dtype) -> int:
         if self.num_kv_blocks is not None:
@@ -67,6 +68,8 @@ class EngineConfig:
             raise ValueError(f"queue_timeout_s: must be positive, got {self.queue_timeout_s}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s: must be positive, got {self.request_timeout_s}")
+        if self.overlap not in ("off", "on", "auto"):
+            raise ValueError(f"overlap: {self.overlap!r} is not one of off, on, auto")
         if any(not 0 <= d <= 60 for d in self.step_retry_delays_s):
             raise ValueError(f"step_retry_delays_s: each delay must be in [0, 60], got {self.step_retry_delays_s}")
 

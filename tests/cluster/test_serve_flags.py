@@ -98,7 +98,7 @@ def bf16_prompt(ck):
 
 FLAGGED = ("--workers", "2", "--served-model-name", "flagged", "--max-model-len", "256", "--no-expert-metrics",
            "--pg-strategy", "SPREAD", "--max-num-batched-tokens", "32", "--kv-cache-mb", "3", "--dtype", "bfloat16",
-           "--overlap")
+           "--overlap", "on")
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +169,8 @@ def test_max_num_batched_tokens(flagged):
 
 
 def test_overlap(flagged, launched):
-    """--overlap: steps of two or more sequences run as two micro-batches (counted by the engine); one
-    sequence alone never is. The default server never overlaps."""
+    """--overlap on: steps of two or more sequences run as two micro-batches (counted by the engine); one
+    sequence alone never is. The default (off) never overlaps; a bad value is one line naming the flag."""
     before = admin(flagged.url)["overlapped_steps_total"]
     assert complete(flagged.url, prompt=[5, 6, 7], max_tokens=3, ignore_eos=True).status_code == 200
     assert admin(flagged.url)["overlapped_steps_total"] == before
@@ -181,6 +181,8 @@ def test_overlap(flagged, launched):
     assert all(r.json()["usage"]["completion_tokens"] == 24 for r in rs)
     assert admin(flagged.url)["overlapped_steps_total"] > before
     assert admin(launched.default.wait_serving().url)["overlapped_steps_total"] == 0
+    bad = cli("serve", "--overlap", "sometimes", timeout=60)
+    assert bad.returncode == 2 and "--overlap" in bad.stderr and "invalid choice" in bad.stderr
 
 
 def fill_to_the_bound(url: str, seen: list[int]) -> bool | None:

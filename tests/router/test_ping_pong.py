@@ -14,6 +14,7 @@ from model.mixtral import Mixtral
 from model.sampling import SamplingParams
 from router.engine import Engine
 from router.expert_plane import ExpertUnavailableError
+from router.overlap_choice import PROBE_STEPS, REPROBE_AFTER, OverlapChooser
 from router.remote_experts import RemoteExperts, RoutingTable
 from router.scheduler import EngineConfig
 from tests.model.hf_reference import assert_close, assert_rows_close, hf_logits, write_hf_checkpoint
@@ -75,13 +76,57 @@ def test_engine_with_overlap_serves_the_reference_tokens(setup):
     d, _, tokens, _, workers, pairs = setup
     model = remote_model(d, workers, pairs)
     try:
-        engine = Engine(model, EngineConfig(num_kv_blocks=64, overlap=True))
+        engine = Engine(model, EngineConfig(num_kv_blocks=64, overlap="on"))
         got, final = run(engine, {0: [request(f"r{i}", p, PARAMS) for i, p in enumerate(PROMPTS[:3])],
                                   2: [request("r3", PROMPTS[3], PARAMS)]})
     finally:
         model.experts.close()
     assert {rid: got[rid] for rid in final} == {f"r{i}": tokens[i] for i in range(4)}
-    assert engine.stats().num_free_blocks == engine.stats().num_kv_blocks
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_kv_blocks and stats.overlapped_steps_total > 0
+    assert stats.overlap_choices == {}  # `on` measures nothing
+
+
+def test_engine_with_overlap_auto_probes_both_ways_and_reports_its_choice(setup):
+    d, _, tokens, _, workers, pairs = setup
+    model = remote_model(d, workers, pairs)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    try:
+        engine = Engine(model, EngineConfig(num_kv_blocks=64, overlap="auto"))
+        got, _ = run(engine, {0: [request(f"r{i}", p, params) for i, p in enumerate(PROMPTS)]})
+    finally:
+        model.experts.close()
+    assert all(got[f"r{i}"][:PARAMS.max_tokens] == tokens[i] for i in range(4))
+    stats = engine.stats()
+    assert stats.overlapped_steps_total >= PROBE_STEPS  # the halves were timed as often as the whole
+    assert stats.overlap_choices["decode 4-7"] in ("on", "off")  # 19 decode steps of 4: probed, then chosen
+    assert Engine(Mixtral.from_pretrained(d), EngineConfig(num_kv_blocks=8, overlap="auto")).stats(
+    ).overlap_choices == {}  # in-process experts: nothing to overlap, auto is off
+
+
+def test_overlap_chooser_probes_alternately_then_keeps_the_faster():
+    c = OverlapChooser("auto")
+    assert not c.split(1, False)
+    modes = []
+    for _ in range(2 * PROBE_STEPS):
+        split = c.split(5, False)
+        modes.append(split)
+        c.record(5, False, split, 0.05 if split else 0.10, 5)  # the halves twice as fast
+    assert modes == [False, True] * PROBE_STEPS
+    assert c.choices() == {"decode 4-7": "on"} and c.split(6, False)
+    assert not c.split(5, True) and c.choices()["prefill 4-7"] == "probing"  # another group probes on its own
+    slow = OverlapChooser("auto")
+    for _ in range(2 * PROBE_STEPS):
+        split = slow.split(2, False)
+        slow.record(2, False, split, 0.099 if split else 0.10, 1)  # within the margin: stays whole
+    assert slow.choices() == {"decode 2-3": "off"} and not slow.split(3, False)
+    for _ in range(REPROBE_AFTER):
+        slow.split(2, False)
+    assert slow.split(2, False) is False and slow.choices() == {"decode 2-3": "probing"}  # probes again
+    assert OverlapChooser("on").split(2, True) and not OverlapChooser("on").split(1, False)
+    assert not OverlapChooser("off").split(64, False)
+    with pytest.raises(ValueError, match="overlap"):
+        OverlapChooser("sometimes")
 
 
 def test_a_dead_worker_fails_the_overlapped_step_and_cancels_the_other_half(tmp_path):
