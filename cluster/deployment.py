@@ -241,7 +241,8 @@ class ExpertCluster:
         if slot is None:
             return None
         if slot.actor is None:
-            if not ray.wait([slot.pg.ready()], timeout=0)[0]:
+            # the GCS's own word (a fresh pg.ready() ref per call, waited on for 0 s, could miss a placed group)
+            if placement_group_table(slot.pg).get("state") != "CREATED":
                 return None
             slot.actor = self._start_worker(slot)
             self._pending_address = slot.actor.address.remote()
