@@ -3,13 +3,13 @@ expert workers): workers are killed through Ray while requests run, the report c
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 
 from model.random_checkpoint import write_checkpoint
+from tests.processes import stop
 from tests.workers.test_security import free_port
 
 
@@ -45,11 +45,6 @@ def test_loadtest_kills_workers_of_a_served_model_and_nothing_fails(tmp_path):
         assert kills >= 1 and len(set(r["fault_injection"]["killed"])) == kills, r["fault_injection"]
         assert f"Expert workers killed: {kills} (one every 8 s)" in lt.stdout
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        stop(serve)
     replaced = [x for x in out if "expert plane repaired" in x]
     assert len(replaced) >= kills, "".join(out)[-3000:]  # serve's controller: one line per recovery

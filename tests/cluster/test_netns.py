@@ -25,6 +25,7 @@ import pytest
 
 from model.random_checkpoint import write_checkpoint
 from tests.ports import free_port
+from tests.processes import stop
 
 RAY = str(Path(sys.executable).parent / "ray")
 MARKER = "EXPERTMESH_NETNS_TEST"
@@ -227,11 +228,7 @@ def test_serve_spans_both_nodes(two_nodes):
         assert r.status_code == 200, r.text
         served = r.json()["choices"][0]["text"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     local = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--model", str(two_nodes["model"]),
                             "--prompt-ids", ",".join(map(str, PROMPT_IDS)), "--max-tokens", str(NEW_TOKENS),
                             "--ignore-eos", "--local", "--json"], capture_output=True, text=True, timeout=300)

@@ -24,6 +24,7 @@ from model.random_checkpoint import write_checkpoint
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 from tests.cluster.test_serve import free_port
+from tests.processes import stop
 from tests.scrape import by, names, scrape, total
 
 MiB = 1024 * 1024
@@ -57,13 +58,7 @@ class Serve:
         return self
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, signal.SIGINT)
 
 
 def admin(url: str) -> dict:

@@ -25,6 +25,7 @@ from protos.security import SECRET_METADATA_KEY, DataPlaneSecurity
 from router.remote_experts import RemoteExperts, RoutingTable
 from router.server import ServerConfig
 from tests.ports import free_port
+from tests.processes import stop as stop_process
 from workers.expert_worker import ExpertWorker
 from workers.servicer import SERVICE_NAME, serve_worker
 
@@ -238,12 +239,7 @@ def test_serve_keeps_the_api_key_out_of_argv_environ_and_output(tmp_path):
         hint = next(x for x in out if x.startswith("try: curl "))
         assert '-H "Authorization: Bearer $EXPERTMESH_API_KEY"' in hint
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     text = "".join(out) + "".join(err)
     assert key not in text
     assert "--api-key shows the key" in text  # the warning, on stderr
