@@ -132,22 +132,21 @@ def choose(timings: Mapping[int, Mapping[str, float]], layouts: Mapping[str, str
         raise ValueError("no timings to choose from")
     best = {r: min(timings[r].values()) for r in rows}
 
-    def cost(per_row: Mapping[int, float]) -> float:
-        return sum(per_row[r] / best[r] for r in rows) / len(rows)
+    def cost(per_row: list[str]) -> float:  # the kernel at each row count, in `rows` order
+        return sum(timings[r][k] / best[r] for r, k in zip(rows, per_row, strict=True)) / len(rows)
 
     complete = [k for k in layouts if all(k in timings[r] for r in rows)]
     if not complete:
         raise ValueError("no kernel has a timing at every row count")
-    invariant = [k for k in complete if k in row_invariant]
-    single = min(invariant, key=lambda k: cost({r: timings[r][k] for r in rows}), default=None)
     mixes = {}
     for layout in dict.fromkeys(layouts[k] for k in complete):
         own = [k for k in complete if layouts[k] == layout]
         mixes[layout] = [min(own, key=lambda k, r=r: timings[r][k]) for r in rows]  # ties: the first listed
-    layout = min(mixes, key=lambda lay: cost({r: timings[r][k] for r, k in zip(rows, mixes[lay], strict=True)}))
+    layout = min(mixes, key=lambda lay: cost(mixes[lay]))
     mix = mixes[layout]
-    mix_cost = cost({r: timings[r][k] for r, k in zip(rows, mix, strict=True)})
-    if single is not None and cost({r: timings[r][single] for r in rows}) <= (1 + tolerance) * mix_cost:
+    invariant = [k for k in complete if k in row_invariant]
+    single = min(invariant, key=lambda k: cost([k] * len(rows)), default=None)
+    if single is not None and cost([single] * len(rows)) <= (1 + tolerance) * cost(mix):
         return layouts[single], ((1, single),), True
     ranges: list[tuple[int, str]] = []
     for i, (r, k) in enumerate(zip(rows, mix, strict=True)):

@@ -46,12 +46,13 @@ class OverlapChooser:
             return False
         if self.mode == "on":
             return True
-        g = self._groups.setdefault(self._key(num_seqs, has_prefill), _Group())
+        key = self._key(num_seqs, has_prefill)
+        g = self._groups.setdefault(key, _Group())
         if g.choice is not None:
             g.since += 1
             if g.since <= REPROBE_AFTER:
                 return g.choice
-            g.samples, g.choice, g.since = {False: [], True: []}, None, 0
+            g = self._groups[key] = _Group()  # probe again
         return len(g.samples[True]) < len(g.samples[False])  # probing: the mode with fewer samples, whole first
 
     def record(self, num_seqs: int, has_prefill: bool, split: bool, seconds: float, tokens: int) -> None:
