@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--hf-experts", default="eager,grouped_mm,batched_mm",
                    help="decode section: HF experts implementations to time; the fastest is the baseline "
                         "(batched_mm only where its weight gather fits in 2 GiB)")
+    p.add_argument("--device", default="cpu", help="decode section: cpu, or cuda[:N] (ours and HF both there)")
+    p.add_argument("--experts-impl", default="auto", choices=("auto", "per_expert", "grouped_mm", "padded"),
+                   help="decode section, ours: per_expert (measured CPU kernel plans), grouped_mm or padded "
+                        "(stacked weights, no host sync); auto: per_expert on CPU, grouped on GPU")
     p.add_argument("--json", help="also write all rows to this JSON file")
     soak = p.add_argument_group("soak section", "steady mixed load on a cluster, RSS and latency sampled per window "
                                                 "(model: the tiny preset unless --model)")
@@ -64,6 +68,23 @@ def hf_experts_list(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise ValueError(f"--hf-experts: {bad or text!r} not in {HF_EXPERTS}")
     return names
+
+
+def device_arg(text: str) -> str:
+    """--device: cpu or an available CUDA device."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
 
 
 def number(text: str, flag: str, minimum: float = 0.0, strict: bool = True) -> float:
@@ -132,6 +153,7 @@ def run(args) -> int:
         parse_dtype(d)
     batches = int_list(args.batch_sizes, "--batch-sizes")
     hf_experts = hf_experts_list(args.hf_experts)
+    device = device_arg(args.device)
     workers = int_list(args.workers, "--workers")
     others = [s for s in sections if s not in ("soak", "burst", "rebalance", "failover")]
     tiny = None  # soak and burst default to the tiny model
@@ -146,7 +168,8 @@ def run(args) -> int:
     report: dict[str, Any] = {}
     if "decode" in sections:
         decode = run_decode_bench(DecodeBench(model_dir, dtypes, batches, args.prompt_len, args.gen_len,
-                                              hf=not args.no_hf, hf_experts=hf_experts, **repeats), log)
+                                              hf=not args.no_hf, hf_experts=hf_experts, device=device,
+                                              experts_impl=args.experts_impl, **repeats), log)
         report["decode"] = decode.pop("rows")
         report["decode_kernels"] = decode  # CPU, threads and the kernel plan per weight
         print(format_kernels(decode))

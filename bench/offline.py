@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from model.generation import generate
+from model.grouped_experts import GroupedExperts
 from model.kernel_choice import describe_cpu
 from model.matmul import PreparedWeight
 from model.mixtral import Mixtral
@@ -35,6 +36,20 @@ class DecodeBench:
     repeats: int = 2  # interleaved runs (ours, HF, ours, HF, ...); the best of each is reported
     seed: int = 0
     hf_experts: tuple[str, ...] = HF_EXPERTS
+    device: str = "cpu"  # "cuda" on a GPU machine: ours and HF both there
+    experts_impl: str = "auto"  # ours: see Mixtral.from_pretrained
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so wall time covers them (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host CPU: {describe_cpu()}"
+    return describe_cpu()
 
 
 def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -43,29 +58,33 @@ def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> lis
 
 
 def time_ours(model: Mixtral, prompts: list[list[int]], gen_len: int) -> float:
+    synchronize(model.device)
     t0 = time.perf_counter()
     out, _ = generate(model, prompts, SamplingParams(max_tokens=gen_len, ignore_eos=True))
+    synchronize(model.device)
     seconds = time.perf_counter() - t0
     assert all(len(o) == gen_len for o in out)
     return seconds
 
 
 def time_hf(hf_model, prompts: list[list[int]], gen_len: int) -> float:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf_model.device)
     with torch.inference_mode():
+        synchronize(hf_model.device)
         t0 = time.perf_counter()
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len,
                                 min_new_tokens=gen_len, do_sample=False, pad_token_id=0)
+        synchronize(hf_model.device)
         seconds = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + gen_len
     return seconds
 
 
-def load_hf(model_dir: str, dtype: str):
+def load_hf(model_dir: str, dtype: str, device: str = "cpu"):
     import transformers
 
     model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def hf_experts_for(cfg: DecodeBench, model_cfg, batch: int, itemsize: int) -> list[str]:
@@ -77,24 +96,28 @@ def hf_experts_for(cfg: DecodeBench, model_cfg, batch: int, itemsize: int) -> li
 
 
 def kernel_plans(model: Mixtral) -> dict[str, str]:
-    """The kernel plan of each kind of weight in `model` (one layer's; all layers share the shapes)."""
+    """The kernel plan of each kind of weight in `model` (one layer's; all layers share the shapes); for stacked
+    experts, how they run."""
+    plans = {}
+    if isinstance(model.experts, GroupedExperts):
+        plans["experts"] = f"stacked, {model.experts.mode} (one grouped product per weight, no host sync)"
     named = {"attention qkv": model.layers[0].wqkv, "attention out": model.layers[0].wo, "lm_head": model.lm_head}
     experts = getattr(model.experts, "experts", None)
     if experts:
         named |= {"expert w1+w3": experts[0][0].w13, "expert w2": experts[0][0].w2}
-    return {name: w.plan.describe() for name, w in named.items() if isinstance(w, PreparedWeight)}
+    return plans | {name: w.plan.describe() for name, w in named.items() if isinstance(w, PreparedWeight)}
 
 
 def run_decode_bench(cfg: DecodeBench, log=print) -> dict:
     """{"cpu", "threads", "kernels": {dtype: {weight: plan}}, "rows": [{dtype, batch, ours_tok_s, hf_tok_s,
-    hf_experts, ratio}]}; warm-up runs are not timed."""
+    hf_experts, ratio}]}; warm-up runs are not timed. "cpu" names the GPU too where cfg.device is one."""
     rows, kernels = [], {}
     for dtype in cfg.dtypes:
-        ours = Mixtral.from_pretrained(cfg.model_dir, dtype=dtype)
+        ours = Mixtral.from_pretrained(cfg.model_dir, dtype=dtype, device=cfg.device, experts_impl=cfg.experts_impl)
         kernels[dtype] = kernel_plans(ours)
         for name, plan in kernels[dtype].items():
             log(f"kernels {name}: {plan}")
-        hf = load_hf(cfg.model_dir, dtype) if cfg.hf else None
+        hf = load_hf(cfg.model_dir, dtype, cfg.device) if cfg.hf else None
         warm = make_prompts(1, cfg.prompt_len, ours.cfg.vocab_size, cfg.seed + 99)
         time_ours(ours, warm, 2)
         itemsize = torch.empty((), dtype=ours.dtype).element_size()
@@ -122,7 +145,8 @@ def run_decode_bench(cfg: DecodeBench, log=print) -> dict:
                 log(format_row(row))
             rows.append(row)
         del ours, hf
-    return {"cpu": describe_cpu(), "threads": torch.get_num_threads(), "kernels": kernels, "rows": rows}
+    return {"cpu": describe_device(torch.device(cfg.device)), "threads": torch.get_num_threads(),
+            "kernels": kernels, "rows": rows}
 
 
 def format_kernels(report: dict) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from model.config import MixtralConfig
 from model.experts import ExpertWeights, run_grouped
+from model.grouped_experts import MODES, StackedLayer, default_mode, grouped_ffn
 from model.loader import LoadStats, load_tensors, parse_dtype
 from model.weights import expert_tensor_name, experts_filter
 
@@ -52,10 +53,15 @@ def resolve_device(device: str) -> torch.device:
 class ExpertWorker:
     """The FFNs of a set of (layer, expert) pairs. `add_experts` / `drop_experts` change the set while
     `forward` runs on another thread: the hosted experts are an immutable dict swapped whole, and a forward
-    works on the dict it started with (weights it already holds stay alive until it returns)."""
+    works on the dict it started with (weights it already holds stay alive until it returns).
+
+    experts_impl: "per_expert" runs each expert's rows with the CPU's measured kernel plans; "grouped_mm" or
+    "padded" keeps each layer's hosted experts stacked (the experts are views into the stack, no second copy)
+    and runs one grouped product per weight (model/grouped_experts.py); "auto": per_expert on CPU, the
+    device's grouped default on a GPU."""
 
     def __init__(self, model_dir: str, pairs: list[tuple[int, int]], dtype: str = "float32",
-                 device: str = "cpu", worker_id: str = "w0"):
+                 device: str = "cpu", worker_id: str = "w0", experts_impl: str = "auto"):
         self.cfg = MixtralConfig.from_file(model_dir)
         self.model_dir = model_dir
         self.worker_id = worker_id
@@ -64,15 +70,37 @@ class ExpertWorker:
             raise ValueError(f"worker {worker_id}: pairs must be non-empty and distinct, got {pairs}")
         self.dtype = parse_dtype(dtype)
         self.device = resolve_device(device)
+        if experts_impl not in ("auto", "per_expert", *MODES):
+            raise ValueError(f"experts_impl: expected auto, per_expert, {', '.join(MODES)}; got {experts_impl!r}")
+        if experts_impl == "auto":
+            experts_impl = "per_expert" if self.device.type == "cpu" else default_mode(self.device, self.dtype)
+        self.experts_impl = experts_impl
         self.hidden_size = self.cfg.hidden_size
         self.load_stats = LoadStats()
         self._mutate = threading.Lock()  # add/drop one at a time; forward never takes it
         self._set_hosted(self._load(wanted))
         self.stats = WorkerStats()
 
-    def _set_hosted(self, experts: dict[tuple[int, int], ExpertWeights]) -> None:
+    def _set_hosted(self, experts: dict[tuple[int, int], ExpertWeights],
+                    changed: set[int] | None = None) -> None:
+        """Install a new expert set; grouped: restack the `changed` layers (None: all), keep the others' stacks."""
+        layers = frozenset(layer for layer, _ in experts)
+        stacks: dict[int, tuple[tuple[int, ...], StackedLayer]] = {}
+        if self.experts_impl != "per_expert":
+            old = self._hosted[2] if hasattr(self, "_hosted") else {}
+            experts = dict(experts)
+            for layer in layers:
+                if changed is not None and layer not in changed and layer in old:
+                    stacks[layer] = old[layer]
+                    continue
+                ids = tuple(sorted(e for lay, e in experts if lay == layer))
+                stack = StackedLayer(torch.stack([experts[(layer, e)].w13 for e in ids]),
+                                     torch.stack([experts[(layer, e)].w2 for e in ids]))
+                stacks[layer] = (ids, stack)
+                for g, e in enumerate(ids):  # the experts become views into the stack: no second copy
+                    experts[(layer, e)] = ExpertWeights(stack.w13[g], stack.w2[g])
         # one attribute, replaced whole: a reader sees the old or the new set, never a mix
-        self._hosted = (experts, frozenset(layer for layer, _ in experts))
+        self._hosted = (experts, layers, stacks)
 
     @property
     def experts(self) -> dict[tuple[int, int], ExpertWeights]:
@@ -101,8 +129,9 @@ class ExpertWorker:
         """Read only these pairs' tensors from the checkpoint."""
         t = load_tensors(self.model_dir, self.cfg, keep=experts_filter(pairs), dtype=self.dtype,
                          device=self.device, stats=self.load_stats)
-        return {(layer, e): ExpertWeights.from_hf(*(t.pop(expert_tensor_name(layer, e, w))
-                                                    for w in ("w1", "w3", "w2")))
+        make = ExpertWeights.from_hf if self.experts_impl == "per_expert" else \
+            (lambda w1, w3, w2: ExpertWeights(torch.cat([w1, w3], dim=0), w2))  # plain: stacked next
+        return {(layer, e): make(*(t.pop(expert_tensor_name(layer, e, w)) for w in ("w1", "w3", "w2")))
                 for layer, e in pairs}
 
     def add_experts(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -110,7 +139,7 @@ class ExpertWorker:
         with self._mutate:
             new = [p for p in self._checked_pairs(pairs) if p not in self.experts]
             if new:
-                self._set_hosted({**self.experts, **self._load(new)})
+                self._set_hosted({**self.experts, **self._load(new)}, {layer for layer, _ in new})
                 log.info("worker %s: loaded %d experts (%s)", self.worker_id, len(new), new)
             return new
 
@@ -124,7 +153,8 @@ class ExpertWorker:
                                  f"remove the worker instead")
             if gone:
                 dropped = set(gone)
-                self._set_hosted({k: v for k, v in self.experts.items() if k not in dropped})
+                self._set_hosted({k: v for k, v in self.experts.items() if k not in dropped},
+                                 {layer for layer, _ in gone})
                 log.info("worker %s: dropped %d experts (%s)", self.worker_id, len(gone), gone)
             return gone
 
@@ -136,9 +166,14 @@ class ExpertWorker:
     def forward_timed(self, layer: int, expert_ids: list[int], counts: list[int],
                       hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
         """`forward` plus the seconds it took (device copies included)."""
-        experts = self._check(layer, expert_ids, counts, hidden)
+        experts, stack = self._check(layer, expert_ids, counts, hidden)
         t0 = time.perf_counter()
-        y = run_grouped(hidden.to(self.device), experts, counts)
+        x = hidden.to(self.device)
+        ends = self._stack_ends(stack, expert_ids, counts)
+        if ends is None:
+            y = run_grouped(x, experts, counts)
+        else:
+            y = grouped_ffn(x, stack[1], torch.tensor(ends, device=self.device), self.experts_impl, max(counts))
         if self.device.type == "cuda":
             y = y.cpu()  # synchronizes
         dt = time.perf_counter() - t0
@@ -147,10 +182,32 @@ class ExpertWorker:
             self.stats.tokens[(layer, e)] = self.stats.tokens.get((layer, e), 0) + n
         return y, dt
 
+    @staticmethod
+    def _stack_ends(stack, expert_ids: list[int], counts: list[int]) -> list[int] | None:
+        """The end row of each stacked expert's group for this request, or None where it cannot run grouped:
+        per_expert mode, or the request's experts not in the stack's order."""
+        if stack is None:
+            return None
+        ids, _ = stack
+        where = {e: g for g, e in enumerate(ids)}
+        groups = [where[e] for e in expert_ids]
+        if groups != sorted(groups):
+            return None
+        rows = [0] * len(ids)
+        for g, n in zip(groups, counts, strict=True):
+            rows[g] = n
+        ends, total = [], 0
+        for n in rows:
+            total += n
+            ends.append(total)
+        return ends
+
     def _check(self, layer: int, expert_ids: list[int], counts: list[int],
-               hidden: torch.Tensor) -> list[ExpertWeights]:
+               hidden: torch.Tensor) -> tuple[list[ExpertWeights], tuple | None]:
+        """The request's experts and the layer's stack (None: per_expert), from one snapshot of the hosted set;
+        ValueError naming what is wrong with the request."""
         who = f"worker {self.worker_id}"
-        hosted, layers = self._hosted  # one snapshot for the whole call
+        hosted, layers, stacks = self._hosted  # one snapshot for the whole call
         if layer not in layers:
             raise ValueError(f"{who}: layer {layer} is not hosted here (hosted layers: {sorted(layers)})")
         if len(expert_ids) != len(counts):
@@ -172,4 +229,4 @@ class ExpertWorker:
             raise ValueError("empty request: no hidden rows")
         if sum(counts) != hidden.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)}, but hidden has {hidden.shape[0]} rows")
-        return [hosted[(layer, e)] for e in expert_ids]
+        return [hosted[(layer, e)] for e in expert_ids], stacks.get(layer)

@@ -46,7 +46,24 @@ def test_all_sections_produce_tables_and_json(ck, tmp_path, capsys, ray_session)
     (["bench", "--batch-sizes", "1,x"], "--batch-sizes"),
     (["bench", "--workers", "0"], "--workers"),
     (["bench", "--dtypes", "int4"], "dtype"),
+    (["bench", "--device", "tpu"], "--device: expected cpu or cuda[:N], got 'tpu'"),
+    (["bench", "--device", "cuda:7"], "--device cuda:7: "),
 ])
 def test_bad_flags(argv, message, capsys, ck):
     assert main([*argv, "--model", str(ck)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "padded"])
+def test_decode_section_with_stacked_experts(ck, tmp_path, capsys, impl):
+    """The decode table of the GPU path (stacked experts), here on the CPU device."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(ck), "--sections", "decode", "--device", "cpu", "--experts-impl", impl,
+            "--dtypes", "float32", "--batch-sizes", "2", "--gen-len", "3", "--repeats", "1", "--hf-experts", "eager",
+            "--json", str(out)]
+    assert main(argv) == 0
+    assert f"experts: stacked, {impl}" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (row,) = report["decode"]
+    assert row["batch"] == 2 and row["ours_tok_s"] > 0 and row["hf_experts"] == "eager"
+    assert report["decode_kernels"]["kernels"]["float32"]["experts"].startswith(f"stacked, {impl}")

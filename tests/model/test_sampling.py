@@ -124,3 +124,15 @@ def test_logit_bias_moves_the_distribution():
     counts = draws_one(params)
     assert 0 not in counts
     assert chi_square_p(counts, torch.softmax(biased, -1)) > P_MIN
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_non_finite_row_fails_alone(greedy):
+    logits = torch.tensor([[0.0, 3.0, 1.0], [float("nan"), 1.0, 0.0], [2.0, float("inf"), 0.0], [5.0, 1.0, 0.0]])
+    params = [SamplingParams(temperature=0.0 if greedy else 1.0, seed=1) for _ in range(4)]
+    out = sample_batch(logits, params, [p.make_generator() for p in params])
+    assert "non-finite logits for this request (1 NaN, 0 infinite of 3)" in out[1]
+    assert "(0 NaN, 1 infinite of 3)" in out[2]
+    if greedy:
+        assert (out[0], out[3]) == (1, 0)
+    assert all(isinstance(t, int) for t in (out[0], out[3]))

@@ -84,7 +84,7 @@ def test_add_and_drop_experts_while_serving(mixtral_dir):
     ids, counts, x, want = reference_rows(mixtral_dir, 1, [3, 5], tokens=30)
     assert torch.equal(w.forward(1, ids, counts, x), want)
     # A forward that already took its experts finishes even if they are dropped meanwhile.
-    experts = w._check(1, ids, counts, x)
+    experts, _ = w._check(1, ids, counts, x)
     assert w.drop_experts([(1, 5), (1, 7)]) == [(1, 5)]
     assert torch.equal(run_grouped(x, experts, counts), want)
     with pytest.raises(ValueError, match="expert 5 of layer 1 is not hosted"):
@@ -116,3 +116,32 @@ def test_forwards_on_one_thread_while_another_adds_and_drops(mixtral_dir):
         stop.set()
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("mode", ["grouped_mm", "padded"])
+def test_stacked_experts_mode(mixtral_dir, mode):
+    """The GPU default (one grouped product per weight over the layer's stacked experts), run here on CPU:
+    the in-process results to rounding, in any request order, through add and drop (restacking only the
+    layers that changed), with the experts views into the stack."""
+    w = ExpertWorker(str(mixtral_dir), [(1, 3), (1, 5), (0, 2)], worker_id="ws", experts_impl=mode)
+    assert w.experts_impl == mode
+    ids, counts, x, want = reference_rows(mixtral_dir, 1, [3, 5, 6], tokens=30)
+    sub = [i for i, e in enumerate(ids) if e in (3, 5)]
+    rows = torch.cat([x[sum(counts[:i]):sum(counts[:i + 1])] for i in sub])
+    out = torch.cat([want[sum(counts[:i]):sum(counts[:i + 1])] for i in sub])
+    kept_layer0 = w._hosted[2][0]
+    torch.testing.assert_close(w.forward(1, [ids[i] for i in sub], [counts[i] for i in sub], rows), out,
+                               rtol=1e-5, atol=1e-5)
+    assert w.add_experts([(1, 6)]) == [(1, 6)]
+    assert w._hosted[2][0] is kept_layer0 and w._hosted[2][1][0] == (3, 5, 6)  # only layer 1 restacked
+    torch.testing.assert_close(w.forward(1, ids, counts, x), want, rtol=1e-5, atol=1e-5)
+    (stack_ids, stack) = w._hosted[2][1]
+    assert w.experts[(1, 5)].w13.untyped_storage().data_ptr() == stack.w13.untyped_storage().data_ptr()
+    a = w.forward(1, [6, 3], [2, 3], x[:5])  # not in stack order: the per-expert loop, same rows
+    b = w.forward(1, [3, 6], [3, 2], torch.cat([x[2:5], x[:2]]))
+    torch.testing.assert_close(a, torch.cat([b[3:], b[:3]]), rtol=1e-5, atol=1e-5)
+    assert w.drop_experts([(1, 3)]) == [(1, 3)] and w._hosted[2][1][0] == (5, 6)
+    with pytest.raises(ValueError, match="expert 3 of layer 1 is not hosted"):
+        w.forward(1, [3], [1], x[:1])
+    with pytest.raises(ValueError, match="experts_impl: expected auto, per_expert, grouped_mm, padded"):
+        ExpertWorker(str(mixtral_dir), [(0, 1)], experts_impl="loop")
