@@ -12,7 +12,10 @@ and the kernel per row count. The candidates, per dtype (those that run on this 
   UPCAST_BLOCK_BYTES of fp32 at a time into a reused per-thread buffer, so the fp32 copy stays in cache (the
   fastest from 6 rows on a 2-core AVX2-only EPYC).
 - torch._grouped_mm exists on CPU in torch 2.13 but runs each group as a plain mm: 1.5-2x slower than
-  `onednn_packed` at 1-16 rows per expert on the AVX512-BF16 EPYC (bench shapes), so it is not a candidate.
+  `onednn_packed` at 1-16 rows per expert on the AVX512-BF16 EPYC (bench shapes); on the AMX Xeon, a whole
+  bench layer (8 experts, top-2) measured with 2 threads against these per-expert plans: bf16 1.28x / 1.02x /
+  0.97x the time at 1 / 16 / 64 tokens, fp32 0.87x / 1.24x / 1.41x. So it is not a per-weight candidate here;
+  it is the GPU path (`model/grouped_experts.py`, `Mixtral.from_pretrained(experts_impl=...)`).
 The `fixed` plan (EXPERTMESH_KERNELS=fixed, or where the plan cache cannot be written) is the pre-measurement
 default: fp32 `onednn_packed`, bf16 `upcast`. A measured plan runs one kernel at every row count where a
 measured row-invariant one is within 5% of the fastest mix (see kernel_choice.choose), else the fastest

@@ -136,3 +136,10 @@ def test_a_non_finite_row_fails_alone(greedy):
     if greedy:
         assert (out[0], out[3]) == (1, 0)
     assert all(isinstance(t, int) for t in (out[0], out[3]))
+
+
+def test_finite_logits_whose_sum_overflows_are_sampled():
+    big = torch.full((2, 4), 3e38)
+    big[0, 2] = 3.1e38
+    out = sample_batch(big, [SamplingParams(temperature=0.0)] * 2, [None, None])
+    assert out == [2, 0]

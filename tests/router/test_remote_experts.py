@@ -153,3 +153,38 @@ def test_swap_table_next_forward_and_closes_unused_channels(workers, model_dir):
         assert backend.connected() == sorted(a[1:])
     finally:
         backend.close()
+
+
+def test_layer_dispatches_start_no_thread(workers, model_dir, monkeypatch):
+    """A health Watch held open per channel keeps gRPC's channel thread alive between layers: a layer sent to
+    several workers (all but the last as futures) starts no thread, where it used to start one per layer."""
+    a = workers.addresses
+    table = RoutingTable.from_pairs([[p for p in ALL if p[1] < 4], [p for p in ALL if p[1] >= 4]], a[1:])
+    backend = RemoteExperts(table, EXPERTS, timeout_s=10)
+    started = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread):
+        started.append(thread.name)
+        real_start(thread)
+
+    try:
+        hidden, ids, weights = layer_inputs(5)
+        backend(0, hidden, ids, weights)  # warm: channels connected
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+        for layer in (0, 1, 0, 1, 0, 1):
+            backend(layer, hidden, ids, weights)
+        assert started == []
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        for addr in a[1:]:  # with no call open on a channel, the next layer starts its thread again (and reopens)
+            backend._watches.pop(addr).cancel()
+        time.sleep(0.2)
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+        backend(0, hidden, ids, weights)
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert len(started) >= 1
+        watches = list(backend._watches.values())
+        assert len(watches) >= 1 and not any(w.done() for w in watches)  # reopened for the next layers
+    finally:
+        backend.close()
+    assert all(w.done() for w in watches)  # closed with their channels
