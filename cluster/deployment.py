@@ -9,7 +9,6 @@ target node, the first group's node (PACK) or a node not used yet (SPREAD); the 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from .actor_errors import startup_error
 from .eplb import rebalance_experts
 from .file_sd import file_sd_groups, write_file_sd
 from .placement import PG_STRATEGIES, PlacementError, PlacementPlan, placement_bundles
-from .ray_runtime import actor_env, cluster_has_gpus, start_ray
+from .ray_runtime import cluster_has_gpus, start_ray
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300
@@ -163,7 +162,6 @@ class ExpertCluster:
     def _options(self, cls, pg, cpus: int, **named):
         return ray.remote(cls).options(
             num_cpus=cpus, num_gpus=1 if self.use_gpus else 0, max_concurrency=4,
-            runtime_env={"env_vars": actor_env(os.environ)},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0), **named)
 
     def _start_worker(self, slot: WorkerSlot):

@@ -8,11 +8,6 @@ import re
 import ray
 
 AUTH_PROBE_TIMEOUT_S = 10.0
-# libgomp (torch's OpenMP) lets an idle thread spin 300k iterations (about a millisecond) before it sleeps. A
-# router waiting on its workers' replies then keeps a core busy that those workers need: at batch 1 on 2 cores
-# (bench preset, 2 workers) the router used 1.98 CPU-s in a 2.32 s run. At 30k it used 1.07 and the run took
-# 1.9 s; in-process decode was unchanged at 30k (3k and OMP_WAIT_POLICY=PASSIVE cost it 15-25%).
-ACTOR_OMP_SPINCOUNT = "30000"
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.\-]+:\d+$")
 
 
@@ -42,12 +37,6 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_cpus_
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
                  _system_config={"metrics_report_interval_ms": 60000})
     return ray.cluster_resources()
-
-
-def actor_env(environ) -> dict[str, str]:
-    """Environment variables for the router and worker actors: GOMP_SPINCOUNT as the caller's environment has
-    it, else ACTOR_OMP_SPINCOUNT (libgomp reads it as the process starts, so it goes in the actor's env)."""
-    return {"GOMP_SPINCOUNT": environ.get("GOMP_SPINCOUNT", ACTOR_OMP_SPINCOUNT)}
 
 
 def check_ray_auth(address: str, timeout_s: float = AUTH_PROBE_TIMEOUT_S) -> None:

@@ -49,8 +49,7 @@ class RouterActor:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "device": self.device, "node_id": ray.get_runtime_context().get_node_id(),
-                "torch_threads": torch.get_num_threads(),
-                "omp_spincount": os.environ.get("GOMP_SPINCOUNT"), "workers": self.backend.table.addresses(),
+                "torch_threads": torch.get_num_threads(), "workers": self.backend.table.addresses(),
                 "metrics_url": self.metrics_url()}
 
     def metrics_url(self) -> str | None:

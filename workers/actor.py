@@ -78,7 +78,6 @@ class ExpertWorkerActor:
         return {"worker_id": w.worker_id, "pairs": list(w.pairs), "dtype": dtype_name(w.dtype),
                 "device": str(w.device), "node_id": self.node_id, "pid": os.getpid(),
                 "address": self._address, "metrics_url": self.metrics_url, "torch_threads": torch.get_num_threads(),
-                "omp_spincount": os.environ.get("GOMP_SPINCOUNT"),
                 "load_stats": {"tensors_read": ls.tensors_read, "bytes_read": ls.bytes_read}}
 
     def stats(self) -> dict:
