@@ -55,6 +55,16 @@ def default_mode(device: torch.device, dtype: torch.dtype) -> str:
     return "grouped_mm" if grouped_mm_runs_on_device(device, dtype) else "padded"
 
 
+def resolve_experts_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"per_expert" or one of MODES for an `experts_impl` setting: "auto" is per_expert on CPU (the measured
+    kernel plans), the device's default mode elsewhere; ValueError for an unknown name."""
+    if impl not in ("auto", "per_expert", *MODES):
+        raise ValueError(f"experts_impl: expected auto, per_expert, {', '.join(MODES)}; got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "per_expert" if device.type == "cpu" else default_mode(device, dtype)
+
+
 class GroupedExperts:
     """In-process expert backend over `StackedLayer`s; mode: one of MODES, or None for this device's default."""
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .config import MixtralConfig
 from .experts import ExpertBackend, ExpertWeights, LocalExperts, SplitExpertBackend
-from .grouped_experts import MODES, GroupedExperts, StackedLayer
+from .grouped_experts import GroupedExperts, StackedLayer, resolve_experts_impl
 from .layers import AttentionBatch, apply_rope, paged_attention, rms_norm, rope_cos_sin, rope_inv_freq, route
 from .loader import LoadStats, load_tensors, parse_dtype
 from .matmul import linear, prepare_weight
@@ -84,22 +84,18 @@ class Mixtral:
         experts_impl says: "per_expert" (`LocalExperts`: each expert's product by this CPU's measured kernel
         plan), "grouped_mm" or "padded" (`GroupedExperts`: stacked weights, no host sync), or "auto":
         per_expert on CPU, the device's grouped default elsewhere (GPU)."""
-        if experts_impl not in ("auto", "per_expert", *MODES):
-            raise ValueError(f"experts_impl: expected auto, per_expert, {', '.join(MODES)}; got {experts_impl!r}")
+        impl = resolve_experts_impl(experts_impl, torch.device(device), parse_dtype(dtype))
         cfg = MixtralConfig.from_file(model_dir)
         keep = all_filter if experts is None else dense_filter
         tensors = load_tensors(model_dir, cfg, keep, dtype=parse_dtype(dtype), device=device, stats=stats)
         if experts is None:
-            experts = cls._local_experts(cfg, tensors, experts_impl, torch.device(device))
+            experts = cls._local_experts(cfg, tensors, impl)
         return cls(cfg, tensors, experts)
 
     @staticmethod
-    def _local_experts(cfg: MixtralConfig, tensors: dict[str, torch.Tensor], impl: str,
-                       device: torch.device) -> ExpertBackend:
-        """The in-process backend over the checkpoint's expert tensors (popped from `tensors` a layer at a
-        time, so stacking them holds one extra layer at most)."""
-        if impl == "auto":
-            impl = "per_expert" if device.type == "cpu" else "default"
+    def _local_experts(cfg: MixtralConfig, tensors: dict[str, torch.Tensor], impl: str) -> ExpertBackend:
+        """The in-process backend (impl: per_expert or a GroupedExperts mode) over the checkpoint's expert
+        tensors, popped from `tensors` a layer at a time, so stacking them holds one extra layer at most."""
         layers = []
         for i in range(cfg.num_hidden_layers):
             hf = [tuple(tensors.pop(expert_tensor_name(i, e, w)) for w in ("w1", "w3", "w2"))
@@ -108,7 +104,7 @@ class Mixtral:
                           else StackedLayer.from_hf(hf))
         if impl == "per_expert":
             return LocalExperts(layers)
-        return GroupedExperts(layers, None if impl == "default" else impl)
+        return GroupedExperts(layers, impl)
 
     def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
         return KVCache.allocate(self.cfg, num_blocks, block_size, self.dtype, self.device)

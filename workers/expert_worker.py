@@ -12,7 +12,7 @@ import torch
 
 from model.config import MixtralConfig
 from model.experts import ExpertWeights, run_grouped
-from model.grouped_experts import MODES, StackedLayer, default_mode, grouped_ffn
+from model.grouped_experts import StackedLayer, grouped_ffn, resolve_experts_impl
 from model.loader import LoadStats, load_tensors, parse_dtype
 from model.weights import expert_tensor_name, experts_filter
 
@@ -70,11 +70,7 @@ class ExpertWorker:
             raise ValueError(f"worker {worker_id}: pairs must be non-empty and distinct, got {pairs}")
         self.dtype = parse_dtype(dtype)
         self.device = resolve_device(device)
-        if experts_impl not in ("auto", "per_expert", *MODES):
-            raise ValueError(f"experts_impl: expected auto, per_expert, {', '.join(MODES)}; got {experts_impl!r}")
-        if experts_impl == "auto":
-            experts_impl = "per_expert" if self.device.type == "cpu" else default_mode(self.device, self.dtype)
-        self.experts_impl = experts_impl
+        self.experts_impl = resolve_experts_impl(experts_impl, self.device, self.dtype)
         self.hidden_size = self.cfg.hidden_size
         self.load_stats = LoadStats()
         self._mutate = threading.Lock()  # add/drop one at a time; forward never takes it
@@ -87,7 +83,7 @@ class ExpertWorker:
         layers = frozenset(layer for layer, _ in experts)
         stacks: dict[int, tuple[tuple[int, ...], StackedLayer]] = {}
         if self.experts_impl != "per_expert":
-            old = self._hosted[2] if hasattr(self, "_hosted") else {}
+            old = self._hosted[2] if changed is not None else {}
             experts = dict(experts)
             for layer in layers:
                 if changed is not None and layer not in changed and layer in old:
