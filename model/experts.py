@@ -69,14 +69,21 @@ class DispatchOrder:
     counts: list[int]  # [E] pairs per expert
 
 
-def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
-    k = expert_ids.shape[1]
+def sort_pairs(expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_ids [T, k] -> (order, inverse, expert) as in DispatchOrder, computed on expert_ids' device (no
+    read back to the host)."""
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return DispatchOrder(order=order, inverse=inverse, token=order // k, expert=flat[order], counts=counts)
+    return order, inverse, flat[order]
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> DispatchOrder:
+    order, inverse, expert = sort_pairs(expert_ids)
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    return DispatchOrder(order=order, inverse=inverse, token=order // expert_ids.shape[1], expert=expert,
+                         counts=counts)
 
 
 def run_grouped(x_sorted: torch.Tensor, experts: list[ExpertWeights], counts: list[int]) -> torch.Tensor:
@@ -95,13 +102,13 @@ def run_grouped(x_sorted: torch.Tensor, experts: list[ExpertWeights], counts: li
     return out
 
 
-def combine(y_sorted: torch.Tensor, plan: DispatchOrder, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def combine(y_sorted: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weight each expert output by its fp32 routing weight and sum each token's k outputs -> [T, D].
 
     A gather back to (token, slot) order and a sum over slots: no scatter (index_add_ is slow in bf16 on CPU).
     """
-    k = weights.shape[1]
-    y = y_sorted[plan.inverse].view(num_tokens, k, -1)  # [T, k, D]
+    T, k = weights.shape
+    y = y_sorted[inverse].view(T, k, -1)  # [T, k, D]
     return (y * weights[:, :, None]).sum(dim=1).to(y_sorted.dtype)
 
 
@@ -115,4 +122,4 @@ class LocalExperts:
                  weights: torch.Tensor) -> torch.Tensor:
         plan = sort_by_expert(expert_ids, len(self.experts[layer]))
         y = run_grouped(hidden[plan.token], self.experts[layer], plan.counts)
-        return combine(y, plan, weights, hidden.shape[0])
+        return combine(y, plan.inverse, weights)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .experts import combine, sort_pairs
+
 MODES = ("grouped_mm", "padded")
 
 
@@ -82,16 +84,11 @@ class GroupedExperts:
                  weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, D], expert_ids [T, k] (distinct per token, as top-k gives), weights [T, k] fp32 -> [T, D]."""
         T, k = expert_ids.shape
-        flat = expert_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # [T*k] pairs sorted by expert
-        expert = flat[order]
-        groups = torch.arange(self.num_experts, device=flat.device, dtype=expert.dtype)
+        order, inverse, expert = sort_pairs(expert_ids)  # pairs sorted by expert, on the device
+        groups = torch.arange(self.num_experts, device=expert.device, dtype=expert.dtype)
         ends = torch.searchsorted(expert, groups, right=True)  # [E] end of each expert's rows: on the device
         y = grouped_ffn(hidden[order // k], self.layers[layer], ends, self.mode, max_rows=T, expert=expert)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = y[inverse].view(T, k, -1)  # back to (token, slot) order
-        return (y * weights[:, :, None]).sum(dim=1).to(hidden.dtype)
+        return combine(y, inverse, weights)
 
 
 def grouped_ffn(x: torch.Tensor, stacked: StackedLayer, ends: torch.Tensor, mode: str, max_rows: int,

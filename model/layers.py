@@ -55,7 +55,6 @@ class AttentionBatch:
     positions: torch.Tensor  # [T] absolute position of each new token
     slot_mapping: torch.Tensor  # [T] flat KV slot (block * block_size + offset) each new token writes
     q_index: torch.Tensor  # [B, Qmax] row in T of each padded query (0 where padding)
-    q_valid: torch.Tensor  # [B, Qmax] bool
     q_rows: torch.Tensor  # [T] flat index (b * Qmax + i) of each new token in the padded [B, Qmax] view
     kv_slots: torch.Tensor  # [B, Lmax] flat KV slots of each sequence's whole context (0 where padding)
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True where a query may attend
@@ -96,8 +95,8 @@ class AttentionBatch:
         mask |= (~q_valid)[:, :, None] & (k_pos == 0)  # padded query rows attend one key: no NaN rows
         return AttentionBatch(
             positions=torch.cat(positions).to(device), slot_mapping=torch.cat(slots).to(device),
-            q_index=q_index.to(device), q_valid=q_valid.to(device),
-            q_rows=q_valid.reshape(-1).nonzero().squeeze(1).to(device), kv_slots=kv_slots.to(device),
+            q_index=q_index.to(device), q_rows=q_valid.reshape(-1).nonzero().squeeze(1).to(device),
+            kv_slots=kv_slots.to(device),
             mask=mask[:, None].to(device), last_token=torch.tensor(last, dtype=torch.long, device=device))
 
 
@@ -134,7 +133,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     vp = v_cache[batch.kv_slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.mask, scale=scale,
                                          enable_gqa=kp.shape[1] != H)
-    B, Qmax = batch.q_valid.shape
+    B, Qmax = batch.q_index.shape
     # [T, H, hd] in token order, by an index built on the host (a boolean mask would read back to the host on a GPU)
     out = out.transpose(1, 2).reshape(B * Qmax, H, hd)[batch.q_rows]
     return out.reshape(T, H * hd)

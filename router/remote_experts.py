@@ -177,7 +177,6 @@ class PendingLayer:
     plan: DispatchOrder
     x_sorted: torch.Tensor  # [T*k, D] the rows sent, sorted by expert
     weights: torch.Tensor  # [T, k] routing weights (never sent)
-    num_tokens: int
     device: torch.device
     calls: list[_Call] = field(default_factory=list)
 
@@ -304,7 +303,7 @@ class RemoteExperts:
             if c:
                 pieces.append(_Piece(e, start, c))
             start += c
-        pending = PendingLayer(layer, table, plan, x_sorted, weights, hidden.shape[0], hidden.device)
+        pending = PendingLayer(layer, table, plan, x_sorted, weights, hidden.device)
         pending.calls = self._issue(layer, table, pieces, x_sorted)
         for call in pending.calls[:-1] if defer_last else pending.calls:
             if call.stub is not None:
@@ -352,7 +351,7 @@ class RemoteExperts:
                 for p in pieces:
                     y_sorted[p.start:p.start + p.n] = out[offset:offset + p.n]
                     offset += p.n
-        return combine(y_sorted.to(pending.device), pending.plan, pending.weights, pending.num_tokens)
+        return combine(y_sorted.to(pending.device), pending.plan.inverse, pending.weights)
 
     def _issue(self, layer: int, table: RoutingTable, pending: list[_Piece], x_sorted: torch.Tensor) -> list[_Call]:
         """One Dispatch per worker, not sent yet (unless a re-sent expert's rows land on a worker twice in one round:
